@@ -1,0 +1,68 @@
+"""Turning a tokenized prompt into per-rank inputs: blocks, anchor, positions.
+
+A request is ``document ‖ query``.  The document is split into ``cp_size`` contiguous
+blocks (the last padded); rank r >= 1 gets ``[anchor; block_r]`` where, for APB, the
+anchor is ``doc[:s] ‖ query ‖ doc[s : anchor_len - |query|]`` (the query embedded after an
+``s``-token prefix) and, for Star Attention, the first ``anchor_len`` document tokens.
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+
+from .config import APBConfig, APBConfigError, CPLayout
+
+
+def build_anchor(doc: torch.Tensor, query: torch.Tensor, layout: CPLayout) -> torch.Tensor:
+    """The anchor tokens of ``layout`` for document ``doc`` and query ``query`` (1-D ids)."""
+    la = layout.anchor_len
+    if layout.query_len == 0:
+        return _take(doc, la)
+    qs, ql = layout.query_start, layout.query_len
+    if query.numel() != ql:
+        raise APBConfigError(f"the layout expects a {ql}-token query, got {query.numel()} tokens")
+    return torch.cat([doc[:qs], query, _take(doc[qs:], la - qs - ql)])
+
+
+def _take(tokens, n):
+    """The first n tokens, repeated cyclically if the document is shorter than n."""
+    if tokens.numel() >= n:
+        return tokens[:n]
+    if tokens.numel() == 0:
+        raise APBConfigError("the document is empty")
+    return tokens.repeat(-(-n // tokens.numel()))[:n]
+
+
+def shard_document(
+    doc: Sequence[int] | torch.Tensor,
+    query: Sequence[int] | torch.Tensor,
+    config: APBConfig,
+    cp_size: int,
+    *,
+    pad_id: int = 0,
+):
+    """Per-rank token ids and the shared layout.
+
+    Args:
+        doc, query: 1-D token ids of the document and of the query.
+        config: the APB settings; cp_size: number of context-parallel ranks.
+        pad_id: id used to pad the last block.
+    Returns:
+        (tokens, layout): ``tokens[r]`` is rank r's 1-D ids ``[anchor; block_r]``, and
+        ``layout.block_len * cp_size - len(doc)`` pad tokens end the last block.
+    """
+    doc = torch.as_tensor(doc, dtype=torch.long).flatten()
+    query = torch.as_tensor(query, dtype=torch.long).flatten()
+    if doc.numel() == 0:
+        raise APBConfigError("the document is empty; give a document of at least one token per rank")
+    layout = config.layout_for(doc.numel(), cp_size, query_len=query.numel())
+    padded = torch.full((layout.block_len * cp_size,), pad_id, dtype=torch.long)
+    padded[: doc.numel()] = doc
+    anchor = build_anchor(doc, query, layout) if layout.anchor_len else doc[:0]
+    tokens: List[torch.Tensor] = []
+    for r in range(cp_size):
+        block = padded[r * layout.block_len : (r + 1) * layout.block_len]
+        tokens.append(torch.cat([anchor[: layout.anchor_len_on(r)], block]))
+    return tokens, layout

@@ -1,0 +1,43 @@
+"""Per-forward state of the APB attention modules: the prompt layout.
+
+A layer spec is fixed when the model is built; the layout (block length, anchor, passing
+length, where the query sits) depends on each prompt.  :func:`apb_layout` sets it on every
+APB attention module of a model for the duration of a forward::
+
+    with apb_layout(model, config.layout(block_len, cp_size=cp, query_len=query_len)):
+        logits = model(input_ids, position_ids, attention_mask=None)
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+
+def apb_modules(model):
+    """The APB core-attention modules of ``model``."""
+    from .core_attention import APBCoreAttention
+
+    return [m for m in model.modules() if isinstance(m, APBCoreAttention)]
+
+
+@contextlib.contextmanager
+def apb_layout(model, layout):
+    """Use ``layout`` in every APB attention module of ``model`` inside the block."""
+    modules = apb_modules(model)
+    if not modules:
+        raise ValueError(
+            "the model has no APB attention modules; build it with "
+            "megatron_apb.get_gpt_layer_apb_spec(...)"
+        )
+    previous = [m.layout for m in modules]
+    for m in modules:
+        m.layout = layout
+        if m.forward_guard is not None:
+            m.forward_guard.reset()
+    try:
+        yield
+    finally:
+        for m, old in zip(modules, previous):
+            m.layout = old
+            if m.forward_guard is not None:
+                m.forward_guard.reset()

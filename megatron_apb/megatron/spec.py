@@ -1,0 +1,70 @@
+"""Layer specs that put APB attention into Megatron-Core's transformer layer."""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from ..config import APBConfig
+from .core_attention import APBCoreAttention, APBSelfAttention
+
+
+def _have_te() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def bind_core_attention(apb_config: APBConfig) -> type:
+    """An ``APBCoreAttention`` class bound to ``apb_config``.
+
+    Megatron calls the ``core_attention`` builder with its own fixed keywords, so the
+    config travels as a class attribute of a small subclass.
+    """
+    return type("APBCoreAttention", (APBCoreAttention,), {"apb_config": apb_config})
+
+
+def get_gpt_layer_apb_spec(
+    apb_config: Optional[APBConfig] = None,
+    base_spec: Optional[ModuleSpec] = None,
+    *,
+    normalization: str = "RMSNorm",
+    qk_layernorm: bool = False,
+) -> ModuleSpec:
+    """A GPT layer spec whose self-attention runs APB (or the mode in ``apb_config``).
+
+    Args:
+        apb_config: APB settings; default ``APBConfig()``.
+        base_spec: the layer spec to start from.  Default: Megatron's Transformer Engine
+            spec when TE is installed, else its local spec, with ``normalization`` and
+            ``qk_layernorm``.
+    Returns:
+        A copy of ``base_spec`` whose ``self_attention`` is :class:`APBSelfAttention` and
+        whose ``core_attention`` is :class:`APBCoreAttention`.
+
+    After building the model, call ``megatron_apb.megatron.prepare_model(model)`` so the
+    rotary table is not sliced for Megatron's zig-zag layout.
+    """
+    apb_config = apb_config or APBConfig()
+    if base_spec is None:
+        from megatron.core.models.gpt import gpt_layer_specs
+
+        if _have_te():
+            base_spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+                qk_layernorm=qk_layernorm
+            )
+        else:
+            base_spec = gpt_layer_specs.get_gpt_layer_local_spec(
+                normalization=normalization, qk_layernorm=qk_layernorm
+            )
+    spec = copy.deepcopy(base_spec)
+    attention = spec.submodules.self_attention
+    if not isinstance(attention, ModuleSpec) or not hasattr(attention.submodules, "core_attention"):
+        raise ValueError("base_spec has no self_attention.submodules.core_attention to replace")
+    attention.module = APBSelfAttention
+    attention.submodules.core_attention = bind_core_attention(apb_config)
+    return spec

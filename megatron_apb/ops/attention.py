@@ -1,0 +1,222 @@
+"""Softmax attention that also returns the log-sum-exp, with interchangeable backends.
+
+One contract for every backend::
+
+    out, lse = attention_with_lse(q, k, v, causal=..., softmax_scale=..., backend=...)
+
+* q: [batch, q_len, heads, dim]; k, v: [batch, k_len, kv_heads, dim], kv_heads | heads
+  (GQA: query head h reads KV head h // (heads // kv_heads)).
+* ``causal`` is bottom-right aligned, as in flash-attn 2: query i sees key j iff
+  ``j <= i + k_len - q_len``.  With q_len=2, k_len=5 (1 = attend)::
+
+        1 1 1 1 0
+        1 1 1 1 1
+
+* out: [batch, q_len, heads, dim] in q's dtype; lse: float32 [batch, heads, q_len], natural
+  log.  A row with no visible key gets out = 0 and lse = -inf, so it merges away exactly
+  (see :mod:`megatron_apb.ops.merge`).
+
+Backends: ``reference`` (dense float64), ``math`` (chunked float32 matmuls, any device),
+``sdpa`` (PyTorch's fused flash kernels through the aten ops that return the LSE) and
+``flex`` (FlexAttention with ``return_lse``).  ``auto`` picks ``sdpa`` where it supports the
+dtype and falls back to ``math``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from .merge import merge_attention
+from .reference import causal_mask, reference_attention
+
+Tensor = torch.Tensor
+
+_SDPA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Query rows per chunk in the math backend: bounds the [b, h, chunk, k_len] score buffer.
+_MATH_CHUNK_ELEMS = 1 << 26
+
+
+def attention_with_lse(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool,
+    softmax_scale: Optional[float] = None,
+    backend: str = "auto",
+) -> Tuple[Tensor, Tensor]:
+    """Attention of q over (k, v) returning ``(out, lse)``; see the module docstring."""
+    check_shapes(q, k, v)
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    backend = resolve_backend(backend, q)
+    if sq == 0 or sk == 0:
+        return _empty(q, sq)
+    if backend == "reference":
+        mask = causal_mask(sq, sk, device=q.device) if causal else None
+        return reference_attention(q, k, v, mask, scale)
+    if backend == "math":
+        return _math_attention(q, k, v, causal, scale)
+    if causal and sq != sk and backend == "sdpa":
+        return _bottom_right_by_parts(q, k, v, scale, backend)
+    if backend == "sdpa":
+        return _sdpa_attention(q, k, v, causal, scale)
+    if backend == "flex":
+        return _flex_attention(q, k, v, causal, scale)
+    raise ValueError(f"unknown attention backend {backend!r}")
+
+
+_BACKENDS = ("auto", "sdpa", "flex", "math", "reference")
+
+
+def resolve_backend(backend: str, q: Tensor) -> str:
+    """The concrete backend ``backend`` means for tensors like ``q``."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {_BACKENDS}")
+    if backend != "auto":
+        if backend == "sdpa" and q.dtype not in _SDPA_DTYPES:
+            raise ValueError(
+                f"backend='sdpa' supports {', '.join(map(str, _SDPA_DTYPES))}, not {q.dtype}; "
+                "use backend='math' or 'reference'"
+            )
+        return backend
+    if q.dtype in _SDPA_DTYPES and (q.device.type == "cpu" or q.shape[-1] <= 256):
+        return "sdpa"
+    return "math"
+
+
+def check_shapes(q, k, v):
+    """Raise ValueError unless q, k, v are [batch, seq, heads, d] with GQA-compatible heads."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            "q, k, v must be 4-D [batch, seq, heads, head_dim]; got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} vs {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch and head_dim"
+        )
+    if q.shape[2] % k.shape[2] != 0:
+        raise ValueError(
+            f"kv_heads ({k.shape[2]}) must divide heads ({q.shape[2]}) for grouped-query attention"
+        )
+
+
+def _empty(q, sq):
+    b, _, h, _ = q.shape
+    out = torch.zeros_like(q[:, :sq])
+    lse = torch.full((b, h, sq), float("-inf"), device=q.device, dtype=torch.float32)
+    return out, lse
+
+
+def _expand_kv(k, heads):
+    group = heads // k.shape[2]
+    return k if group == 1 else k.repeat_interleave(group, dim=2)
+
+
+def _math_attention(q, k, v, causal, scale):
+    """Chunked float32 attention: plain matmuls, works on every device and dtype."""
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    kk = _expand_kv(k, h).float().transpose(1, 2)  # [b, h, sk, d]
+    vv = _expand_kv(v, h).float().transpose(1, 2)
+    qq = q.float().transpose(1, 2)  # [b, h, sq, d]
+    chunk = max(1, _MATH_CHUNK_ELEMS // max(1, b * h * sk))
+    outs, lses = [], []
+    for start in range(0, sq, chunk):
+        stop = min(sq, start + chunk)
+        s = torch.matmul(qq[:, :, start:stop], kk.transpose(-1, -2)) * scale
+        if causal:
+            rows = torch.arange(start, stop, device=q.device)[:, None]
+            cols = torch.arange(sk, device=q.device)[None, :]
+            s = s.masked_fill(cols > rows + (sk - sq), float("-inf"))
+        lse = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
+        outs.append(torch.matmul(p, vv))
+        lses.append(lse)
+    out = torch.cat(outs, dim=2).transpose(1, 2).to(q.dtype)
+    return out, torch.cat(lses, dim=2)
+
+
+def _bottom_right_by_parts(q, k, v, scale, backend):
+    """Bottom-right causal from square-causal and unmasked calls (kernels align top-left)."""
+    sq, sk = q.shape[1], k.shape[1]
+    if sq > sk:  # the first sq - sk rows see no key at all
+        head_out, head_lse = _empty(q, sq - sk)
+        tail_out, tail_lse = attention_with_lse(
+            q[:, sq - sk :], k, v, causal=True, softmax_scale=scale, backend=backend
+        )
+        return torch.cat([head_out, tail_out], 1), torch.cat([head_lse, tail_lse], 2)
+    prefix = sk - sq
+    full = attention_with_lse(
+        q, k[:, :prefix], v[:, :prefix], causal=False, softmax_scale=scale, backend=backend
+    )
+    diag = attention_with_lse(
+        q, k[:, prefix:], v[:, prefix:], causal=True, softmax_scale=scale, backend=backend
+    )
+    return merge_attention([full[0], diag[0]], [full[1], diag[1]])
+
+
+def _sdpa_attention(q, k, v, causal, scale):
+    """PyTorch's fused flash kernels via the aten ops that expose the LSE."""
+    h = q.shape[2]
+    qt = q.transpose(1, 2)
+    kt = _expand_kv(k, h).transpose(1, 2)
+    vt = _expand_kv(v, h).transpose(1, 2)
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qt, kt, vt, 0.0, causal, scale=scale
+        )
+    else:
+        res = torch.ops.aten._scaled_dot_product_flash_attention(
+            qt.contiguous(), kt.contiguous(), vt.contiguous(), 0.0, causal, False, scale=scale
+        )
+        out, lse = res[0], res[1]
+    return out.transpose(1, 2), lse.float()
+
+
+def _flex_attention(q, k, v, causal, scale):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    sq, sk = q.shape[1], k.shape[1]
+    block_mask = None
+    if causal:
+        offset = sk - sq
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return kv_idx <= q_idx + offset
+
+        block_mask = create_block_mask(mask_mod, None, None, sq, sk, device=q.device)
+    kwargs = dict(block_mask=block_mask, scale=scale, enable_gqa=q.shape[2] != k.shape[2])
+    try:  # torch >= 2.9 reports the LSE through an AuxRequest
+        from torch.nn.attention.flex_attention import AuxRequest
+
+        out, aux = _flex_fn(flex_attention, q.device)(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            return_aux=AuxRequest(lse=True), **kwargs,
+        )
+        lse = aux.lse
+    except ImportError:
+        out, lse = _flex_fn(flex_attention, q.device)(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), return_lse=True, **kwargs
+        )
+    return out.transpose(1, 2), lse.float()
+
+
+_COMPILED_FLEX = None
+
+
+def _flex_fn(flex_attention, device):
+    """FlexAttention compiled on GPU (its fused kernel); eager on CPU (tests only)."""
+    global _COMPILED_FLEX
+    if device.type == "cpu":
+        return flex_attention
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX

@@ -1,0 +1,42 @@
+"""Exact merging of partial attention results by their log-sum-exp.
+
+Attention over a key set K = K1 ∪ K2 splits into attention over K1 and over K2:
+``lse = log(exp(lse1) + exp(lse2))`` and ``out = exp(lse1-lse)·out1 + exp(lse2-lse)·out2``.
+Computed in float32; parts with ``lse = -inf`` (no keys) contribute nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+
+
+def merge_attention(
+    outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Merge partial attention outputs.
+
+    Args:
+        outs: each [batch, seq, heads, dim].
+        lses: each float [batch, heads, seq], natural log, -inf where the part had no key.
+    Returns:
+        (out in outs[0]'s dtype, lse float32), with out = 0 and lse = -inf for rows
+        that no part covers.
+    """
+    if len(outs) != len(lses) or not outs:
+        raise ValueError("merge_attention needs as many lse tensors as outputs, at least one")
+    if len(outs) == 1:
+        return outs[0], lses[0].float()
+    lse_stack = torch.stack([l.float() for l in lses])  # [n, b, h, s]
+    lse = torch.logsumexp(lse_stack, dim=0)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    weights = torch.exp(lse_stack - safe)  # exp(-inf) = 0 for empty parts
+    weights = weights.permute(0, 1, 3, 2).unsqueeze(-1)  # [n, b, s, h, 1]
+    out = sum(w * o.float() for w, o in zip(weights, outs))
+    return out.to(outs[0].dtype), lse
+
+
+def merge_attention_stacked(out: torch.Tensor, lse: torch.Tensor):
+    """:func:`merge_attention` over a leading dimension: out [n, b, s, h, d], lse [n, b, h, s]."""
+    return merge_attention(list(out.unbind(0)), list(lse.unbind(0)))

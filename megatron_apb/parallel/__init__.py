@@ -1,0 +1,7 @@
+"""One module per distributed attention algorithm; each takes its process group as an argument."""
+
+from .apb import apb_context_attention
+from .exact import exact_context_attention
+from .ulysses import ulysses_attention
+
+__all__ = ["apb_context_attention", "exact_context_attention", "ulysses_attention"]

@@ -1,0 +1,93 @@
+"""Run a function on N CPU processes joined by gloo, collecting each rank's return value.
+
+Workers are spawned (not forked), set one thread each, and are killed if the whole run
+exceeds ``timeout`` seconds, so a broken collective fails the test instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, fn, args, queue):
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    try:
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+        )
+        result = _plain(fn(rank, world_size, *args))
+        queue.put((rank, "ok", result))
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:  # report, then let the parent fail the test
+        queue.put((rank, "error", traceback.format_exc()))
+
+
+def _plain(obj):
+    """Tensors to numpy arrays (shared-memory tensors die with the worker)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().numpy()
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    return obj
+
+
+def run_distributed(fn, world_size: int, *args, timeout: float = 300.0):
+    """``[fn(rank, world_size, *args) for rank in range(world_size)]``, each in its own process.
+
+    ``fn`` must be importable (a module-level function).  Raises with the worker's traceback
+    if any rank fails, and ``TimeoutError`` if the run does not finish in ``timeout`` s.
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = _free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue), daemon=True)
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    import time
+
+    deadline = time.monotonic() + timeout
+    results, errors = {}, []
+    try:
+        while len(results) + len(errors) < world_size:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"distributed run of {fn.__name__} exceeded {timeout}s")
+            if queue.empty():
+                if errors or any(p.exitcode not in (None, 0) for p in procs):
+                    break
+                time.sleep(0.05)
+                continue
+            rank, status, payload = queue.get()
+            (results.__setitem__(rank, payload) if status == "ok" else errors.append((rank, payload)))
+    finally:
+        for p in procs:
+            p.join(timeout=max(1.0, deadline - time.monotonic()) if not errors else 1.0)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        rank, tb = errors[0]
+        raise RuntimeError(f"rank {rank} of {world_size} failed:\n{tb}")
+    if len(results) < world_size:
+        raise RuntimeError(f"only ranks {sorted(results)} of {world_size} reported a result")
+    return [results[r] for r in range(world_size)]

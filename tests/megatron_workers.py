@@ -1,0 +1,147 @@
+"""Worker functions for the gloo tests of the Megatron model (run by tests/distributed.py).
+
+Each worker builds, from one seed, the distributed model under test and a single-rank
+reference model (TP = CP = 1, on its own singleton process groups), and reports errors.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+VOCAB = 128
+
+
+def _setup():
+    warnings.filterwarnings("ignore")
+    from megatron_apb.megatron import init_cpu_megatron
+
+    init_cpu_megatron()
+
+
+def _model(apb_config, tp, cp, pg, **config_overrides):
+    from megatron_apb.megatron import build_gpt_model, tiny_transformer_config
+
+    fields = dict(tensor_model_parallel_size=tp, context_parallel_size=cp)
+    fields.update(config_overrides)
+    cfg = tiny_transformer_config(**fields)
+    torch.manual_seed(0)
+    model = build_gpt_model(
+        cfg, apb_config, vocab_size=VOCAB, max_sequence_length=1024, pg_collection=pg,
+        parallel_output=False,
+    )
+    return model.eval()
+
+
+def _shape(model):
+    from tests.apb_simulation import ModelShape
+
+    c = model.config
+    return ModelShape(c.num_layers, c.num_attention_heads, c.num_query_groups, c.kv_channels, c.layernorm_epsilon)
+
+
+def _prompt(n_doc, n_query, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, VOCAB, (n_doc,), generator=g), torch.randint(1, VOCAB, (n_query,), generator=g)
+
+
+def _run(model, tokens, layout):
+    from megatron_apb.megatron import apb_layout
+
+    with torch.no_grad(), apb_layout(model, layout):
+        return model(tokens[None], None, None)[0]
+
+
+def check_modes(rank, world, tp, cp, n_doc, cases):
+    """Compare the distributed model with references; returns {case name: max abs error}.
+
+    ``cases``: list of (name, APBConfig kwargs, reference) where reference is ``"full"``
+    (the single-rank model on the whole document) or ``"sim"`` (the APB simulation).
+    """
+    _setup()
+    from megatron_apb import APBConfig
+    from megatron_apb.layout import shard_document
+    from megatron_apb.megatron import rank_grid_groups
+    from tests.apb_simulation import simulate_apb
+
+    pg = rank_grid_groups(tp, cp)
+    ref_pg = rank_grid_groups(1, 1)
+    cp_rank = torch.distributed.get_rank(pg.cp)
+    doc, query = _prompt(n_doc, 5)
+    errors = {}
+    full_logits = None
+    for name, kwargs, reference in cases:
+        apb_config = APBConfig(**kwargs)
+        model = _model(apb_config, tp, cp, pg)
+        tokens, layout = shard_document(doc, query if layout_query(kwargs) else query[:0], apb_config, cp)
+        got = _run(model, tokens[cp_rank], layout)
+        la = layout.anchor_len_on(cp_rank)
+        if full_logits is None:
+            ref_model = _model(APBConfig(mode="exact"), 1, 1, ref_pg)
+            with torch.no_grad():
+                padded = torch.cat([doc, doc.new_zeros(layout.block_len * cp - n_doc)])
+                full_logits = ref_model(padded[None], None, None)[0]
+        b0 = layout.block_start(cp_rank)
+        vs_full = (got[la:] - full_logits[b0 : b0 + layout.block_len]).abs().max().item()
+        if reference == "full":
+            errors[name] = vs_full
+        else:
+            # how far APB is from exact attention: must be clearly > 0 on later ranks,
+            # or agreeing with the simulation would show nothing
+            errors[name + ":vs_full"] = vs_full
+            ref_model = _model(apb_config, 1, 1, ref_pg)
+            weights = {k: v for k, v in ref_model.state_dict().items() if isinstance(v, torch.Tensor)}
+            sim = simulate_apb(
+                weights, _shape(ref_model), tokens,
+                anchor_len=layout.anchor_len, block_len=layout.block_len,
+                passing_len=layout.passing_len, compressor=apb_config.compressor,
+                query_start=layout.query_start, query_len=layout.query_len,
+                first_rank_anchor=layout.first_rank_anchor,
+                smoothing=apb_config.smoothing_kernel,
+            )
+            errors[name] = (got - sim[cp_rank]).abs().max().item()
+    return errors
+
+
+def build_error(rank, world, tp, cp, config_overrides, apb_kwargs=None):
+    """Build a model that should be refused; returns the error's type and message."""
+    _setup()
+    from megatron_apb import APBConfig
+    from megatron_apb.megatron import rank_grid_groups
+
+    pg = rank_grid_groups(tp, cp)
+    try:
+        _model(APBConfig(**(apb_kwargs or {})), tp, cp, pg, **config_overrides)
+    except Exception as exc:  # the test inspects type and message
+        return type(exc).__name__, str(exc)
+    return None
+
+
+def forward_error(rank, world, cp, apb_kwargs, rows, block_len=None):
+    """Run a forward with ``rows`` tokens (in a layout of ``block_len`` if given); returns
+    the error, if any."""
+    _setup()
+    import contextlib
+
+    from megatron_apb import APBConfig
+    from megatron_apb.megatron import apb_layout, rank_grid_groups
+
+    pg = rank_grid_groups(1, cp)
+    apb_config = APBConfig(**apb_kwargs)
+    model = _model(apb_config, 1, cp, pg)
+    scope = (
+        apb_layout(model, apb_config.layout(block_len, cp_size=cp))
+        if block_len
+        else contextlib.nullcontext()
+    )
+    try:
+        with torch.no_grad(), scope:
+            model(torch.ones(1, rows, dtype=torch.long), None, None)
+    except Exception as exc:
+        return type(exc).__name__, str(exc)
+    return None
+
+
+def layout_query(kwargs):
+    return kwargs.get("mode", "apb") == "apb" and kwargs.get("query_in_anchor", True)
