@@ -145,3 +145,38 @@ def forward_error(rank, world, cp, apb_kwargs, rows, block_len=None):
 
 def layout_query(kwargs):
     return kwargs.get("mode", "apb") == "apb" and kwargs.get("query_in_anchor", True)
+
+
+def check_references(rank, world):
+    """At CP = 1: Megatron's own DotProductAttention (explicit causal mask), the APB module
+    in every mode, and the plain-torch simulation give the same logits."""
+    _setup()
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from megatron_apb import APBConfig
+    from megatron_apb.megatron import rank_grid_groups, tiny_transformer_config
+    from tests.apb_simulation import full_attention_logits
+
+    from megatron.core import parallel_state
+
+    parallel_state._set_global_memory_buffer()  # Megatron's own attention needs it
+    pg = rank_grid_groups(1, 1)
+    doc, _ = _prompt(29, 0)
+    torch.manual_seed(0)
+    native = GPTModel(
+        tiny_transformer_config(), get_gpt_layer_local_spec(normalization="RMSNorm"),
+        vocab_size=VOCAB, max_sequence_length=1024, pg_collection=pg,
+        position_embedding_type="rope", parallel_output=False,
+    ).eval()
+    mask = torch.ones(29, 29, dtype=torch.bool).triu(1)[None, None]
+    with torch.no_grad():
+        want = native(doc[None], None, mask)[0]
+    errors = {}
+    for mode in ("exact", "ulysses", "apb", "star"):
+        model = _model(APBConfig(mode=mode), 1, 1, pg)
+        with torch.no_grad():
+            errors[mode] = (model(doc[None], None, None)[0] - want).abs().max().item()
+    weights = {k: v for k, v in native.state_dict().items() if isinstance(v, torch.Tensor)}
+    errors["simulation"] = (full_attention_logits(weights, _shape(native), doc) - want).abs().max().item()
+    return errors

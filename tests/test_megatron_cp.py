@@ -12,7 +12,7 @@ differences are ~2e-7, and a wrong mask, position or selection moves logits by >
 import pytest
 
 from tests.distributed import run_distributed
-from tests.megatron_workers import build_error, check_modes, forward_error
+from tests.megatron_workers import build_error, check_modes, check_references, forward_error
 
 TOL = 1e-5
 
@@ -101,3 +101,10 @@ def test_apb_forward_needs_layout_and_matching_rows():
     errs = run_distributed(forward_error, 2, 2, apb, 16, 16)
     assert errs[1] is not None and "expects 20" in errs[1][1]
     assert errs[0] is not None and "another context-parallel rank rejected its input" in errs[0][1]
+
+
+def test_world1_references_agree():
+    # also validates the references: the simulation reproduces Megatron's own attention
+    errors = run_distributed(check_references, 1)[0]
+    for name, err in errors.items():
+        assert err <= TOL, (name, err)

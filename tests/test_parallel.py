@@ -1,0 +1,39 @@
+"""Collectives and the distributed attention algorithms, on 1-4 CPU processes over gloo.
+
+References are single-process dense float64 attentions on the whole sequence.  Tolerance
+1e-5: fp32 blockwise kernels + LSE merge against a float64 softmax differ by ~1e-6.
+"""
+
+import pytest
+
+from tests import comm_workers as w
+from tests.distributed import run_distributed
+
+TOL = 1e-5
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_collectives(world):
+    for errors in run_distributed(w.collectives, world):
+        assert errors["gather"] == 0 and errors["scatter"] == 0 and errors["roundtrip"] == 0
+        assert errors["double_wait_raises"]
+
+
+@pytest.mark.parametrize(
+    "world,heads,kv_heads,block",
+    [(1, 4, 2, 9), (2, 4, 2, 7), (3, 6, 3, 5), (4, 8, 4, 6), (4, 8, 2, 5)],  # last: KV repeated
+)
+def test_exact_and_ulysses_match_single_process(world, heads, kv_heads, block):
+    for errors in run_distributed(w.exact_algorithms, world, heads, kv_heads, block):
+        assert errors["exact"] <= TOL and errors["ulysses"] <= TOL, errors
+
+
+@pytest.mark.parametrize("world,anchor,block,passing", [(4, 3, 7, 2), (3, 0, 5, 5), (2, 4, 9, 0)])
+def test_apb_algorithm_matches_hand_built_passing(world, anchor, block, passing):
+    for err in run_distributed(w.apb_algorithm, world, anchor, block, passing):
+        assert err <= TOL
+
+
+def test_retaining_head_tensor_parallel():
+    for err in run_distributed(w.retaining_head_tp, 2):
+        assert err <= TOL
