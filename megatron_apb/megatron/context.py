@@ -20,24 +20,37 @@ def apb_modules(model):
     return [m for m in model.modules() if isinstance(m, APBCoreAttention)]
 
 
-@contextlib.contextmanager
 def apb_layout(model, layout):
     """Use ``layout`` in every APB attention module of ``model`` inside the block."""
+    return apb_runtime(model, layout=layout)
+
+
+@contextlib.contextmanager
+def apb_runtime(model, *, layout=None, kv_cache=None, decode_positions=None):
+    """Set the per-forward state of every APB attention module of ``model`` in the block.
+
+    * prefill: ``layout`` (and ``kv_cache`` to keep each rank's block K/V);
+    * phase 2: ``kv_cache`` and ``decode_positions`` (the new tokens' positions).
+    """
     modules = apb_modules(model)
     if not modules:
         raise ValueError(
             "the model has no APB attention modules; build it with "
             "megatron_apb.get_gpt_layer_apb_spec(...)"
         )
-    previous = [m.layout for m in modules]
+    names = ("layout", "kv_cache", "decode_positions")
+    values = (layout, kv_cache, decode_positions)
+    previous = [[getattr(m, n) for n in names] for m in modules]
     for m in modules:
-        m.layout = layout
+        for n, v in zip(names, values):
+            setattr(m, n, v)
         if m.forward_guard is not None:
             m.forward_guard.reset()
     try:
         yield
     finally:
         for m, old in zip(modules, previous):
-            m.layout = old
+            for n, v in zip(names, old):
+                setattr(m, n, v)
             if m.forward_guard is not None:
                 m.forward_guard.reset()

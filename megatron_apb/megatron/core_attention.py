@@ -30,7 +30,12 @@ from ..compress import (
     smooth_scores,
 )
 from ..config import APBConfig, APBConfigError, CPLayout
-from ..parallel import apb_context_attention, exact_context_attention, ulysses_attention
+from ..parallel import (
+    apb_context_attention,
+    decode_attention,
+    exact_context_attention,
+    ulysses_attention,
+)
 from .rope import apply_rope, rope_positions, table_rows
 
 # Rows of the block's end used as the observation window when no query rows are known.
@@ -97,6 +102,8 @@ class APBCoreAttention(MegatronModule):
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(self.head_dim)
         self.rotary_interleaved = config.rotary_interleaved
         self.layout: Optional[CPLayout] = None
+        self.kv_cache = None  # a CPKVCache: prefill stores the block's K/V, decode reads it
+        self.decode_positions: Optional[torch.Tensor] = None  # set for phase-2 forwards
         self.rotary_table: Optional[torch.Tensor] = None  # set by APBSelfAttention per call
         self.retaining_head = None
         if self.apb_config.mode == "apb" and self.apb_config.compressor == "retaining_head":
@@ -154,6 +161,8 @@ class APBCoreAttention(MegatronModule):
         if attention_bias is not None:
             raise APBConfigError("APB attention does not support an attention bias")
         cp, rank = group_size(self.cp_group), group_rank(self.cp_group)
+        if self.decode_positions is not None:
+            return self._decode(query, key, value, cp)
         if cp > 1 and torch.is_grad_enabled() and query.requires_grad:
             raise RuntimeError(
                 "APB context-parallel attention is an inference path without gradients; "
@@ -164,6 +173,9 @@ class APBCoreAttention(MegatronModule):
         # Megatron's [s, b, h, d] -> flash-style [b, s, h, d]
         q_pre, k_pre, v = (t.transpose(0, 1) for t in (query, key, value))
         q, k = self._rotate(q_pre, k_pre, layout, rank, cp)
+        if self.kv_cache is not None:
+            la = layout.anchor_len_on(rank) if layout.mode in ("apb", "star") else 0
+            self.kv_cache.store_prefill(self.layer_number, k[:, la:], v[:, la:])
         kw = dict(softmax_scale=self.softmax_scale, backend=self.apb_config.backend)
         if layout.mode == "exact":
             out = exact_context_attention(q, k, v, group=self.cp_group, **kw)
@@ -174,6 +186,27 @@ class APBCoreAttention(MegatronModule):
             out = apb_context_attention(
                 q, k, v, layout=layout, group=self.cp_group, scorer=scorer, **kw
             )
+        return out.transpose(0, 1).reshape(seq, out.shape[0], -1)
+
+    def _decode(self, query, key, value, cp):
+        """Phase 2: new tokens attend to every rank's cache, merged exactly by LSE."""
+        if self.kv_cache is None:
+            raise RuntimeError("a phase-2 forward needs the KV cache of a prefill")
+        seq = query.shape[0]
+        positions = self.decode_positions.to(query.device)
+        q, k, v = (t.transpose(0, 1) for t in (query, key, value))
+        if self.rotary_table is not None:
+            freqs = table_rows(self.rotary_table, positions, 1, seq)
+            q = apply_rope(q, freqs, self.rotary_interleaved)
+            k = apply_rope(k, freqs, self.rotary_interleaved)
+        cache = self.kv_cache
+        if cache.owner:
+            cache.append(self.layer_number, k, v)
+        k_cache, v_cache = cache.get(self.layer_number)
+        out = decode_attention(
+            q, k_cache, v_cache, owner=cache.owner, group=self.cp_group,
+            softmax_scale=self.softmax_scale, backend=self.apb_config.backend,
+        )
         return out.transpose(0, 1).reshape(seq, out.shape[0], -1)
 
     def _checked_layout(self, seq, rank, cp, device):

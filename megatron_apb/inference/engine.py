@@ -1,0 +1,206 @@
+"""Distributed generation: APB (or any mode's) prefill, then exact phase-2 decoding.
+
+One request at a time (batch 1), on a Megatron GPTModel built with the APB layer spec:
+
+1. **prefill** — the document is split over the CP ranks (``shard_document``); each rank
+   runs the model on ``[anchor; block]`` (embedding and decoder only: no logits), keeping
+   the K/V of its own block (``CPKVCache``);
+2. **phase 2** — the query tokens, then each generated token, run on every rank; attention
+   merges all ranks' caches exactly by LSE; only the last rank caches the new K/V;
+3. **sampling** on one rank, broadcast to all.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..comm import group_rank, group_size
+from ..config import APBConfig, APBConfigError
+from ..layout import shard_document
+from ..megatron.context import apb_runtime
+from .cache import CPKVCache
+from .sampling import SamplingConfig, sample
+
+
+@dataclass
+class GenerationResult:
+    """Token ids fed and produced, and timings in seconds (prefill, first token, decode)."""
+
+    document_ids: List[int]
+    query_ids: List[int]
+    output_ids: List[int]
+    prefill_s: float
+    time_to_first_token_s: float
+    decode_s: float
+    decode_tokens: int
+    layout: dict = field(default_factory=dict)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class APBEngine:
+    """Generation over a context-parallel (and optionally tensor-parallel) group.
+
+    Args:
+        model: a Megatron ``GPTModel`` built with the APB spec (``build_gpt_model``).
+        apb_config: the same config the model was built with (mode, lengths, compressor).
+        cp_group, tp_group: the model's process groups.
+        vocab_size: the tokenizer's vocabulary (logits beyond it, TP padding, are dropped).
+        sample_group, sample_src: ranks that take part in a generation and the global rank
+            that samples and broadcasts (default: all ranks, rank 0).
+        progress: called with a line of text on long work (e.g. ``print``), or None.
+    """
+
+    def __init__(
+        self,
+        model,
+        apb_config: APBConfig,
+        *,
+        cp_group,
+        tp_group=None,
+        vocab_size: int,
+        pad_id: int = 0,
+        sample_group=None,
+        sample_src: int = 0,
+        progress: Optional[Callable[[str], None]] = None,
+    ):
+        self.model, self.config = model, apb_config
+        self.cp_group, self.tp_group = cp_group, tp_group
+        self.cp_rank, self.cp_size = group_rank(cp_group), group_size(cp_group)
+        self.vocab_size, self.pad_id = vocab_size, pad_id
+        self.sample_group, self.sample_src = sample_group, sample_src
+        self.progress = progress
+        self.device = next(model.parameters()).device
+
+    # ----------------------------------------------------------------- pieces
+    def _rotary_table(self, length: int):
+        rope = getattr(self.model, "rotary_pos_emb", None)
+        return None if rope is None else rope(length)
+
+    def _decoder(self, ids: torch.Tensor, table_len: int):
+        """Embedding + transformer layers + final norm on 1-D ``ids``: [s, 1, hidden]."""
+        hidden = self.model.embedding(input_ids=ids[None].to(self.device), position_ids=None)
+        return self.model.decoder(
+            hidden_states=hidden, attention_mask=None, rotary_pos_emb=self._rotary_table(table_len)
+        )
+
+    def _logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary float logits [vocab] of one hidden state [1, 1, hidden]."""
+        weight = None
+        if self.model.share_embeddings_and_output_weights:
+            weight = self.model.shared_embedding_or_output_weight()
+        logits, _ = self.model.output_layer(hidden_last, weight=weight)
+        if getattr(self.model, "parallel_output", False) and group_size(self.tp_group) > 1:
+            from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
+            logits = gather_from_tensor_model_parallel_region(logits, group=self.tp_group)
+        logits = logits.reshape(-1)[: self.vocab_size].float()
+        if not torch.isfinite(logits).all():
+            raise FloatingPointError(
+                "the model produced NaN/inf logits; check the checkpoint and the dtype "
+                "(bf16/fp16 overflow) and that every rank loaded the same weights"
+            )
+        return logits
+
+    def _broadcast_token(self, token: int) -> int:
+        if not dist.is_initialized() or dist.get_world_size(self.sample_group) == 1:
+            return token
+        t = torch.tensor([token], dtype=torch.long, device=self.device if self.device.type == "cuda" else "cpu")
+        dist.broadcast(t, src=self.sample_src, group=self.sample_group)
+        return int(t.item())
+
+    def _barrier(self):
+        if dist.is_initialized() and group_size(self.cp_group) > 1:
+            dist.barrier(group=self.cp_group)
+
+    # --------------------------------------------------------------- the work
+    @torch.no_grad()
+    def prefill(self, document_ids, query_ids):
+        """Run the distributed prefill; returns (cache, layout, n_doc, seconds)."""
+        doc = torch.as_tensor(document_ids, dtype=torch.long).flatten()
+        query = torch.as_tensor(query_ids, dtype=torch.long).flatten()
+        if query.numel() == 0:
+            raise APBConfigError("the query is empty; give a question")
+        tokens, layout = shard_document(doc, query, self.config, self.cp_size, pad_id=self.pad_id)
+        valid = max(0, min(layout.block_len, doc.numel() - layout.block_start(self.cp_rank)))
+        cache = CPKVCache(valid_len=valid, owner=self.cp_rank == self.cp_size - 1)
+        table_len = layout.block_len * self.cp_size + layout.anchor_len + 1
+        hooks = self._progress_hooks("prefill")
+        try:
+            self._barrier()
+            _sync(self.device)
+            start = time.perf_counter()
+            with apb_runtime(self.model, layout=layout, kv_cache=cache):
+                self._decoder(tokens[self.cp_rank], table_len)
+            _sync(self.device)
+            self._barrier()
+            seconds = time.perf_counter() - start
+        finally:
+            for h in hooks:
+                h.remove()
+        return cache, layout, doc.numel(), seconds
+
+    @torch.no_grad()
+    def step(self, cache: CPKVCache, ids, start_position: int) -> torch.Tensor:
+        """Phase-2 forward of ``ids`` at positions start_position...; logits of the last."""
+        ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+        positions = torch.arange(start_position, start_position + ids.numel())
+        with apb_runtime(self.model, kv_cache=cache, decode_positions=positions):
+            hidden = self._decoder(ids, start_position + ids.numel() + 1)
+        return self._logits(hidden[-1:])
+
+    @torch.no_grad()
+    def generate(self, document_ids, query_ids, sampling: SamplingConfig) -> GenerationResult:
+        """Prefill the document, answer the query; every rank returns the same result."""
+        gen = torch.Generator().manual_seed(sampling.seed)
+        cache, layout, n_doc, prefill_s = self.prefill(document_ids, query_ids)
+        query = torch.as_tensor(query_ids, dtype=torch.long).flatten()
+        start = time.perf_counter()
+        logits = self.step(cache, query, n_doc)
+        token = self._broadcast_token(sample(logits, sampling, gen))
+        _sync(self.device)
+        ttft = prefill_s + time.perf_counter() - start
+        out, position = [token], n_doc + query.numel()
+        stops = set(sampling.stop_ids)
+        decode_start = time.perf_counter()
+        while len(out) < sampling.max_new_tokens and token not in stops:
+            logits = self.step(cache, [token], position)
+            token = self._broadcast_token(sample(logits, sampling, gen))
+            out.append(token)
+            position += 1
+        _sync(self.device)
+        decode_s = time.perf_counter() - decode_start
+        return GenerationResult(
+            document_ids=torch.as_tensor(document_ids).flatten().tolist(),
+            query_ids=query.tolist(),
+            output_ids=out,
+            prefill_s=prefill_s,
+            time_to_first_token_s=ttft,
+            decode_s=decode_s,
+            decode_tokens=len(out) - 1,
+            layout=dict(layout.__dict__),
+        )
+
+    def _progress_hooks(self, what):
+        if self.progress is None:
+            return []
+        layers = list(self.model.decoder.layers)
+        hooks = []
+        step = max(1, len(layers) // 10)
+        for i, layer in enumerate(layers):
+            if (i + 1) % step == 0 or i + 1 == len(layers):
+                msg = f"{what}: layer {i + 1}/{len(layers)}"
+                hooks.append(layer.register_forward_hook(lambda *a, m=msg: self.progress(m)))
+        return hooks

@@ -1,0 +1,49 @@
+"""Exact phase-2 attention: new tokens against every rank's cached block, merged by LSE.
+
+Each rank attends the new queries to its own cache and produces ``(out_r, lse_r)``; the
+ranks all-gather these and merge exactly::
+
+    lse = log Σ_r exp(lse_r),   out = Σ_r exp(lse_r − lse) · out_r      (float32)
+
+Every cached token precedes the new ones, so non-owner ranks attend **without** a causal
+mask.  The owner's cache ends with the new tokens themselves, which it attends causally
+(bottom-right aligned).  A rank with an empty cache contributes ``lse = -inf``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..comm import all_gather_async, group_size
+from ..ops.attention import attention_with_lse
+from ..ops.merge import merge_attention
+
+Tensor = torch.Tensor
+
+
+def decode_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    *,
+    owner: bool,
+    group,
+    softmax_scale: Optional[float] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """q [batch, m, heads, d]; the cache [batch, L, kv_heads, d] (the owner's includes the m
+    new tokens at its end).  Returns the merged [batch, m, heads, d], equal on every rank."""
+    out, lse = attention_with_lse(
+        q, k_cache, v_cache, causal=owner, softmax_scale=softmax_scale, backend=backend
+    )
+    if group_size(group) == 1:
+        return out
+    # one collective: the LSE rides along as an extra channel of the output
+    packed = torch.cat([out.float(), lse.transpose(1, 2).unsqueeze(-1)], dim=-1)
+    gathered = all_gather_async(packed, group).wait()  # [world, batch, m, heads, d + 1]
+    outs = list(gathered[..., :-1].unbind(0))
+    lses = list(gathered[..., -1].transpose(2, 3).unbind(0))  # each [batch, heads, m]
+    merged, _ = merge_attention(outs, lses)
+    return merged.to(q.dtype)

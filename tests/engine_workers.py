@@ -1,0 +1,43 @@
+"""Worker functions for the generation-engine tests (gloo, tiny random Megatron models)."""
+
+from __future__ import annotations
+
+import torch
+
+from tests.megatron_workers import VOCAB, _model, _prompt, _setup
+
+
+def _engine(model, apb_config, pg):
+    from megatron_apb.inference import APBEngine
+
+    return APBEngine(model, apb_config, cp_group=pg.cp, tp_group=pg.tp, vocab_size=VOCAB)
+
+
+def generate_vs_recompute(rank, world, tp, cp, n_doc, n_new, modes):
+    """Engine generation in each mode vs greedy decoding by full recomputation on the
+    single-rank model; returns {mode: (tokens, first-step logit error)} and the reference."""
+    _setup()
+    from megatron_apb import APBConfig
+    from megatron_apb.inference import SamplingConfig
+    from megatron_apb.megatron import rank_grid_groups
+
+    pg, ref_pg = rank_grid_groups(tp, cp), rank_grid_groups(1, 1)
+    doc, query = _prompt(n_doc, 4, seed=3)
+    ref = _model(APBConfig(mode="exact"), 1, 1, ref_pg)
+    seq, ref_tokens, first_logits = torch.cat([doc, query]), [], None
+    with torch.no_grad():
+        for _ in range(n_new):
+            logits = ref(seq[None], None, None)[0, -1]
+            first_logits = logits if first_logits is None else first_logits
+            ref_tokens.append(int(logits.argmax()))
+            seq = torch.cat([seq, torch.tensor([ref_tokens[-1]])])
+    results = {"reference": ref_tokens}
+    for name, kwargs in modes:
+        apb_config = APBConfig(**kwargs)
+        model = _model(apb_config, tp, cp, pg)
+        engine = _engine(model, apb_config, pg)
+        cache, _, n, _ = engine.prefill(doc, query)
+        logit_err = (engine.step(cache, query, n) - first_logits).abs().max().item()
+        out = engine.generate(doc, query, SamplingConfig(max_new_tokens=n_new))
+        results[name] = (out.output_ids, logit_err, cache.tokens())
+    return results
