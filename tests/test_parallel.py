@@ -37,3 +37,10 @@ def test_apb_algorithm_matches_hand_built_passing(world, anchor, block, passing)
 def test_retaining_head_tensor_parallel():
     for err in run_distributed(w.retaining_head_tp, 2):
         assert err <= TOL
+
+
+@pytest.mark.parametrize("lengths,new", [([5, 4, 6, 3], 3), ([3, 3, 3, 0], 1), ([7, 0], 2), ([0, 0, 4], 2)])
+def test_decode_merge_across_ranks(lengths, new):
+    # includes ranks whose block is all padding (an empty cache, lse = -inf)
+    for err in run_distributed(w.decode_merge, len(lengths), lengths, new):
+        assert err <= TOL

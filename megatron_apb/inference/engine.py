@@ -142,7 +142,7 @@ class APBEngine:
             self._barrier()
             _sync(self.device)
             start = time.perf_counter()
-            with apb_runtime(self.model, layout=layout, kv_cache=cache):
+            with apb_runtime(self.model, layout=layout, kv_cache=cache, config=self.config):
                 self._decoder(tokens[self.cp_rank], table_len)
             _sync(self.device)
             self._barrier()
@@ -157,7 +157,7 @@ class APBEngine:
         """Phase-2 forward of ``ids`` at positions start_position...; logits of the last."""
         ids = torch.as_tensor(ids, dtype=torch.long).flatten()
         positions = torch.arange(start_position, start_position + ids.numel())
-        with apb_runtime(self.model, kv_cache=cache, decode_positions=positions):
+        with apb_runtime(self.model, kv_cache=cache, decode_positions=positions, config=self.config):
             hidden = self._decoder(ids, start_position + ids.numel() + 1)
         return self._logits(hidden[-1:])
 

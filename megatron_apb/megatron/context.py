@@ -26,11 +26,14 @@ def apb_layout(model, layout):
 
 
 @contextlib.contextmanager
-def apb_runtime(model, *, layout=None, kv_cache=None, decode_positions=None):
+def apb_runtime(model, *, layout=None, kv_cache=None, decode_positions=None, config=None):
     """Set the per-forward state of every APB attention module of ``model`` in the block.
 
     * prefill: ``layout`` (and ``kv_cache`` to keep each rank's block K/V);
-    * phase 2: ``kv_cache`` and ``decode_positions`` (the new tokens' positions).
+    * phase 2: ``kv_cache`` and ``decode_positions`` (the new tokens' positions);
+    * ``config``: run another APBConfig than the one the model was built with (e.g. to
+      compare modes on one set of weights); the retaining_head compressor needs a model
+      built with retaining heads.
     """
     modules = apb_modules(model)
     if not modules:
@@ -38,12 +41,19 @@ def apb_runtime(model, *, layout=None, kv_cache=None, decode_positions=None):
             "the model has no APB attention modules; build it with "
             "megatron_apb.get_gpt_layer_apb_spec(...)"
         )
-    names = ("layout", "kv_cache", "decode_positions")
-    values = (layout, kv_cache, decode_positions)
+    names = ("layout", "kv_cache", "decode_positions", "apb_config")
+    if config is not None and config.mode == "apb" and config.compressor == "retaining_head":
+        if any(m.retaining_head is None for m in modules):
+            raise ValueError(
+                "compressor='retaining_head' needs a model built with retaining heads: build "
+                "it with that compressor (and load trained heads)"
+            )
+    values = (layout, kv_cache, decode_positions, None)
     previous = [[getattr(m, n) for n in names] for m in modules]
     for m in modules:
         for n, v in zip(names, values):
             setattr(m, n, v)
+        m.apb_config = config or m.apb_config
         if m.forward_guard is not None:
             m.forward_guard.reset()
     try:
