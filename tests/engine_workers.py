@@ -41,3 +41,21 @@ def generate_vs_recompute(rank, world, tp, cp, n_doc, n_new, modes):
         out = engine.generate(doc, query, SamplingConfig(max_new_tokens=n_new))
         results[name] = (out.output_ids, logit_err, cache.tokens())
     return results
+
+
+def generate_from_hf_checkpoint(rank, world, tp, cp, path, doc, query, n_new):
+    """Greedy engine generation in exact mode from an HF checkpoint directory."""
+    _setup()
+    from megatron_apb import APBConfig
+    from megatron_apb.inference import APBEngine, SamplingConfig
+    from megatron_apb.megatron import rank_grid_groups
+    from megatron_apb.megatron.checkpoint import build_model, load_hf_checkpoint, load_into_model
+
+    pg = rank_grid_groups(tp, cp)
+    spec, state, _ = load_hf_checkpoint(path)
+    apb_config = APBConfig(mode="exact")
+    model = build_model(spec, apb_config, pg_collection=pg, parallel_output=False).eval()
+    load_into_model(model, state, spec, torch.distributed.get_rank(pg.tp), tp)
+    engine = APBEngine(model, apb_config, cp_group=pg.cp, tp_group=pg.tp, vocab_size=spec.vocab_size)
+    out = engine.generate(torch.as_tensor(doc), torch.as_tensor(query), SamplingConfig(max_new_tokens=n_new))
+    return out.output_ids

