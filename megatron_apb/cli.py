@@ -143,7 +143,8 @@ def _add_generate(sub):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default bf16 on GPU, fp32 on CPU")
-    p.add_argument("--backend", default="auto", choices=["auto", "sdpa", "flex", "math", "reference"])
+    p.add_argument("--backend", default="auto",
+                   choices=["auto", "sdpa", "cudnn", "flash", "efficient", "flex", "math", "reference"])
     p.add_argument("--haystack-tokens", type=int, default=6000,
                    help="length of the built-in pass-key retrieval document")
     p.add_argument("--output-json", help="write prompt ids, output ids, text and timings here")

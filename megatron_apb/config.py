@@ -14,7 +14,7 @@ from typing import Optional
 
 MODES = ("apb", "star", "exact", "ulysses")
 COMPRESSORS = ("retaining_head", "query_attention", "random")
-BACKENDS = ("auto", "sdpa", "flex", "math", "reference")
+BACKENDS = ("auto", "sdpa", "cudnn", "flash", "efficient", "flex", "math", "reference")
 
 
 class APBConfigError(ValueError):
@@ -44,8 +44,8 @@ class APBConfig:
         retaining_head_hidden: width of the retaining head's hidden layer (1024).
         smoothing_kernel: width of the max-pool applied to scores along the sequence
             (odd; 1 disables it).
-        backend: attention kernel: ``"auto"`` or one of ``sdpa``, ``flex``, ``math``,
-            ``reference``.
+        backend: attention kernel: ``"auto"`` or one of ``sdpa``, ``cudnn``, ``flash``,
+            ``efficient``, ``flex``, ``math``, ``reference`` (see ``ops.attention``).
         seed: seed of the ``random`` compressor.
     """
 

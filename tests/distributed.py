@@ -19,15 +19,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, queue):
+def _worker(rank, world_size, port, fn, args, queue, backend):
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
         dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
         )
         result = _plain(fn(rank, world_size, *args))
         queue.put((rank, "ok", result))
@@ -50,17 +52,18 @@ def _plain(obj):
     return obj
 
 
-def run_distributed(fn, world_size: int, *args, timeout: float = 300.0):
+def run_distributed(fn, world_size: int, *args, timeout: float = 300.0, backend: str = "gloo"):
     """``[fn(rank, world_size, *args) for rank in range(world_size)]``, each in its own process.
 
-    ``fn`` must be importable (a module-level function).  Raises with the worker's traceback
+    ``fn`` must be importable (a module-level function).  ``backend="nccl"`` puts rank r
+    on GPU r.  Raises with the worker's traceback
     if any rank fails, and ``TimeoutError`` if the run does not finish in ``timeout`` s.
     """
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = _free_port()
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue), daemon=True)
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, backend), daemon=True)
         for r in range(world_size)
     ]
     for p in procs:

@@ -49,11 +49,12 @@ def _prompt(n_doc, n_query, seed=1):
 def _run(model, tokens, layout):
     from megatron_apb.megatron import apb_layout
 
+    device = next(model.parameters()).device
     with torch.no_grad(), apb_layout(model, layout):
-        return model(tokens[None], None, None)[0]
+        return model(tokens[None].to(device), None, None)[0].float().cpu()
 
 
-def check_modes(rank, world, tp, cp, n_doc, cases):
+def check_modes(rank, world, tp, cp, n_doc, cases, device="cpu"):
     """Compare the distributed model with references; returns {case name: max abs error}.
 
     ``cases``: list of (name, APBConfig kwargs, reference) where reference is ``"full"``
@@ -73,7 +74,7 @@ def check_modes(rank, world, tp, cp, n_doc, cases):
     full_logits = None
     for name, kwargs, reference in cases:
         apb_config = APBConfig(**kwargs)
-        model = _model(apb_config, tp, cp, pg)
+        model = _model(apb_config, tp, cp, pg).to(device)
         tokens, layout = shard_document(doc, query if layout_query(kwargs) else query[:0], apb_config, cp)
         got = _run(model, tokens[cp_rank], layout)
         la = layout.anchor_len_on(cp_rank)

@@ -22,7 +22,7 @@ needs_smollm2 = pytest.mark.skipif(
 def _run(args, nproc=1, timeout=600):
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-port", "0", "-m", "megatron_apb.cli", *args]
+               "--standalone", "-m", "megatron_apb.cli", *args]
     else:
         cmd = [sys.executable, "-m", "megatron_apb.cli", *args]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -18,7 +18,7 @@ from megatron_apb import APBConfig, APBConfigError, CPLayout
     [
         (dict(mode="ring"), "mode"),
         (dict(compressor="snapkv"), "compressor"),
-        (dict(backend="cudnn"), "backend"),
+        (dict(backend="tensorrt"), "backend"),
         (dict(anchor_len=-1), "anchor_len"),
         (dict(passing_len=-5), "passing_len"),
         (dict(anchor_len=2.5), "anchor_len"),

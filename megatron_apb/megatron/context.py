@@ -48,12 +48,11 @@ def apb_runtime(model, *, layout=None, kv_cache=None, decode_positions=None, con
                 "compressor='retaining_head' needs a model built with retaining heads: build "
                 "it with that compressor (and load trained heads)"
             )
-    values = (layout, kv_cache, decode_positions, None)
     previous = [[getattr(m, n) for n in names] for m in modules]
     for m in modules:
+        values = (layout, kv_cache, decode_positions, config or m.apb_config)
         for n, v in zip(names, values):
             setattr(m, n, v)
-        m.apb_config = config or m.apb_config
         if m.forward_guard is not None:
             m.forward_guard.reset()
     try:

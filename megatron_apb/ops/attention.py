@@ -17,9 +17,11 @@ One contract for every backend::
   (see :mod:`megatron_apb.ops.merge`).
 
 Backends: ``reference`` (dense float64), ``math`` (chunked float32 matmuls, any device),
-``sdpa`` (PyTorch's fused flash kernels through the aten ops that return the LSE) and
-``flex`` (FlexAttention with ``return_lse``).  ``auto`` picks ``sdpa`` where it supports the
-dtype and falls back to ``math``.
+``flex`` (FlexAttention returning the LSE; compiled on GPU), and PyTorch's fused kernels
+through the aten ops that return the LSE: ``cudnn``, ``flash`` and ``efficient`` on CUDA,
+``sdpa`` for whichever of them fits (on CPU: the CPU flash kernel).  ``auto`` picks the
+fastest that supports the dtype and head size (cuDNN on Hopper, see the benchmarks) and
+falls back to ``math``.  flash-attn and Transformer Engine are not required.
 """
 
 from __future__ import annotations
@@ -61,31 +63,48 @@ def attention_with_lse(
         return reference_attention(q, k, v, mask, scale)
     if backend == "math":
         return _math_attention(q, k, v, causal, scale)
-    if causal and sq != sk and backend == "sdpa":
+    if causal and sq != sk and backend in _FUSED:
         return _bottom_right_by_parts(q, k, v, scale, backend)
-    if backend == "sdpa":
-        return _sdpa_attention(q, k, v, causal, scale)
+    if backend in _FUSED:
+        return _fused_attention(q, k, v, causal, scale, backend)
     if backend == "flex":
         return _flex_attention(q, k, v, causal, scale)
     raise ValueError(f"unknown attention backend {backend!r}")
 
 
-_BACKENDS = ("auto", "sdpa", "flex", "math", "reference")
+BACKENDS = ("auto", "sdpa", "cudnn", "flash", "efficient", "flex", "math", "reference")
+_FUSED = ("sdpa", "cudnn", "flash", "efficient")
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def resolve_backend(backend: str, q: Tensor) -> str:
     """The concrete backend ``backend`` means for tensors like ``q``."""
-    if backend not in _BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {_BACKENDS}")
-    if backend != "auto":
-        if backend == "sdpa" and q.dtype not in _SDPA_DTYPES:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    cuda, d = q.device.type == "cuda", q.shape[-1]
+    if backend in ("cudnn", "flash", "efficient") and not cuda:
+        raise ValueError(f"backend={backend!r} runs on CUDA only; use 'sdpa' or 'math' on CPU")
+    if backend == "sdpa":
+        if q.dtype not in _SDPA_DTYPES:
             raise ValueError(
                 f"backend='sdpa' supports {', '.join(map(str, _SDPA_DTYPES))}, not {q.dtype}; "
                 "use backend='math' or 'reference'"
             )
+        if not cuda:
+            return "sdpa"
+        backend = "auto"
+    if backend != "auto":
+        if backend in ("cudnn", "flash") and q.dtype not in _HALF:
+            raise ValueError(f"backend={backend!r} needs fp16/bf16, not {q.dtype}")
         return backend
-    if q.dtype in _SDPA_DTYPES and (q.device.type == "cpu" or q.shape[-1] <= 256):
-        return "sdpa"
+    if not cuda:
+        return "sdpa" if q.dtype in _SDPA_DTYPES else "math"
+    if q.dtype in _HALF and d <= 128 and d % 8 == 0:
+        return "cudnn"
+    if q.dtype in _HALF and d <= 256 and d % 8 == 0:
+        return "flash"
+    if q.dtype in _SDPA_DTYPES and d % 8 == 0:
+        return "efficient"
     return "math"
 
 
@@ -163,21 +182,27 @@ def _bottom_right_by_parts(q, k, v, scale, backend):
     return merge_attention([full[0], diag[0]], [full[1], diag[1]])
 
 
-def _sdpa_attention(q, k, v, causal, scale):
-    """PyTorch's fused flash kernels via the aten ops that expose the LSE."""
-    h = q.shape[2]
+def _fused_attention(q, k, v, causal, scale, backend):
+    """PyTorch's fused kernels via the aten ops that expose the LSE (top-left causal)."""
+    b, sq, h, _ = q.shape
     qt = q.transpose(1, 2)
     kt = _expand_kv(k, h).transpose(1, 2)
     vt = _expand_kv(v, h).transpose(1, 2)
-    if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qt, kt, vt, 0.0, causal, scale=scale
-        )
-    else:
-        res = torch.ops.aten._scaled_dot_product_flash_attention(
-            qt.contiguous(), kt.contiguous(), vt.contiguous(), 0.0, causal, False, scale=scale
+    aten = torch.ops.aten
+    if backend == "sdpa":  # CPU
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt, 0.0, causal, scale=scale)
+    elif backend == "cudnn":
+        res = aten._scaled_dot_product_cudnn_attention(
+            qt, kt, vt, None, True, 0.0, causal, False, scale=scale
         )
         out, lse = res[0], res[1]
+    elif backend == "flash":
+        res = aten._scaled_dot_product_flash_attention(qt, kt, vt, 0.0, causal, False, scale=scale)
+        out, lse = res[0], res[1]
+    else:  # efficient
+        res = aten._scaled_dot_product_efficient_attention(qt, kt, vt, None, True, 0.0, causal, scale=scale)
+        out, lse = res[0], res[1]
+    lse = lse.reshape(b, h, -1)[:, :, :sq]  # cuDNN: [b, h, s, 1]; efficient pads s
     return out.transpose(1, 2), lse.float()
 
 

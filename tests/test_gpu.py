@@ -1,0 +1,87 @@
+"""GPU checks: each CUDA attention backend against the float64 reference, and the
+distributed model over NCCL.  Skipped on machines without CUDA (CI); run on the GPU machine.
+
+Tolerance, flash-attention's rule: in bf16, a backend's max error against the float64
+reference is at most 2x the max error of plain PyTorch attention computed in bf16.
+"""
+
+import math
+
+import pytest
+import torch
+
+from megatron_apb import apb_attention, attention_with_lse
+from megatron_apb.ops.reference import apb_reference_attention, causal_mask, reference_attention
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+BACKENDS = ["cudnn", "flash", "efficient", "sdpa", "flex", "math", "auto"]
+SHAPES = [  # (batch, q_len, k_len, heads, kv_heads, head_dim)
+    (1, 1000, 1000, 8, 2, 128),
+    (2, 333, 777, 4, 4, 64),
+    (1, 512, 2048, 32, 8, 128),
+]
+
+
+def _plain_bf16(q, k, v, mask, scale):
+    """softmax(q k^T * scale) v entirely in bf16: the rule's yardstick."""
+    h = q.shape[2]
+    kk = k.repeat_interleave(h // k.shape[2], 2).transpose(1, 2)
+    vv = v.repeat_interleave(h // v.shape[2], 2).transpose(1, 2)
+    s = (q.transpose(1, 2) @ kk.transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return (torch.softmax(s, -1) @ vv).transpose(1, 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("causal", [True, False])
+def test_backend_two_x_rule(backend, shape, causal):
+    b, sq, sk, h, kvh, d = shape
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(b, sq, h, d, device="cuda", generator=g).bfloat16()
+    k = torch.randn(b, sk, kvh, d, device="cuda", generator=g).bfloat16()
+    v = torch.randn(b, sk, kvh, d, device="cuda", generator=g).bfloat16()
+    mask = causal_mask(sq, sk, device="cuda") if causal else None
+    ref, ref_lse = reference_attention(q, k, v, mask)
+    ref = reference_attention(q.double(), k.double(), v.double(), mask)[0]
+    out, lse = attention_with_lse(q, k, v, causal=causal, backend=backend)
+    pt = _plain_bf16(q, k, v, mask, 1 / math.sqrt(d))
+    err, pt_err = (out.double() - ref).abs().max().item(), (pt.double() - ref).abs().max().item()
+    assert err <= 2 * pt_err, (backend, err, pt_err)
+    # the LSE is fp32 arithmetic on bf16 inputs: 1e-2 absolute on values of ~log(sk) + 10
+    assert (lse - ref_lse).abs().max().item() < 1e-2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_apb_attention_two_x_rule(backend):
+    g = torch.Generator(device="cuda").manual_seed(1)
+    b, la, lb, p, h, kvh, d = 1, 257, 1031, 130, 32, 8, 128
+    q = torch.randn(b, la + lb, h, d, device="cuda", generator=g).bfloat16()
+    k = torch.randn(b, la + lb, kvh, d, device="cuda", generator=g).bfloat16()
+    v = torch.randn(b, la + lb, kvh, d, device="cuda", generator=g).bfloat16()
+    pk = torch.randn(b, p, kvh, d, device="cuda", generator=g).bfloat16()
+    pv = torch.randn(b, p, kvh, d, device="cuda", generator=g).bfloat16()
+    ref, _ = apb_reference_attention(q.double(), k.double(), v.double(), anchor_len=la,
+                                     passing_k=pk.double(), passing_v=pv.double())
+    out = apb_attention(q, k, v, anchor_len=la, passing_k=pk, passing_v=pv, backend=backend)
+    from megatron_apb.ops.reference import apb_reference_mask
+
+    keys = torch.cat([k[:, :la], pk, k[:, la:]], 1)
+    vals = torch.cat([v[:, :la], pv, v[:, la:]], 1)
+    pt = _plain_bf16(q, keys, vals, apb_reference_mask(la, p, lb).cuda(), 1 / math.sqrt(d))
+    err, pt_err = (out.double() - ref).abs().max().item(), (pt.double() - ref).abs().max().item()
+    assert err <= 2 * pt_err, (backend, err, pt_err)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2+ GPUs")
+def test_distributed_modes_over_nccl():
+    from tests.distributed import run_distributed
+    from tests.megatron_workers import check_modes
+    from tests.test_megatron_cp import APB_CASES, EXACT_CASES, _check
+
+    world = min(4, torch.cuda.device_count())
+    cases = EXACT_CASES + APB_CASES
+    results = run_distributed(check_modes, world, 1, world, 61, cases, "cuda", backend="nccl")
+    _check(results, cases, cp=world)
