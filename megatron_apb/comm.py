@@ -40,12 +40,19 @@ class PendingGather:
         return self._out
 
 
+# Benchmarks only: replace gathers by local copies to measure how much communication time
+# is not hidden (prefill time with communication minus without).  Results are then wrong.
+SKIP_COMMUNICATION_FOR_BENCHMARK = False
+
+
 def all_gather_async(x: Tensor, group) -> PendingGather:
     """Start gathering ``x`` (same shape on every rank) over ``group``."""
     world = group_size(group)
     x = x.detach().contiguous()
     if world == 1:
         return PendingGather(x.unsqueeze(0), None)
+    if SKIP_COMMUNICATION_FOR_BENCHMARK:
+        return PendingGather(x.unsqueeze(0).expand((world,) + tuple(x.shape)).contiguous(), None)
     flat = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
     work = dist.all_gather_into_tensor(flat, x, group=group, async_op=True)
     return PendingGather(flat.view((world,) + tuple(x.shape)), work)

@@ -79,10 +79,10 @@ def check_modes(rank, world, tp, cp, n_doc, cases, device="cpu"):
         got = _run(model, tokens[cp_rank], layout)
         la = layout.anchor_len_on(cp_rank)
         if full_logits is None:
-            ref_model = _model(APBConfig(mode="exact"), 1, 1, ref_pg)
+            ref_model = _model(APBConfig(mode="exact"), 1, 1, ref_pg).to(device)
             with torch.no_grad():
                 padded = torch.cat([doc, doc.new_zeros(layout.block_len * cp - n_doc)])
-                full_logits = ref_model(padded[None], None, None)[0]
+                full_logits = ref_model(padded[None].to(device), None, None)[0].float().cpu()
         b0 = layout.block_start(cp_rank)
         vs_full = (got[la:] - full_logits[b0 : b0 + layout.block_len]).abs().max().item()
         if reference == "full":
@@ -92,7 +92,7 @@ def check_modes(rank, world, tp, cp, n_doc, cases, device="cpu"):
             # or agreeing with the simulation would show nothing
             errors[name + ":vs_full"] = vs_full
             ref_model = _model(apb_config, 1, 1, ref_pg)
-            weights = {k: v for k, v in ref_model.state_dict().items() if isinstance(v, torch.Tensor)}
+            weights = {k: v.cpu() for k, v in ref_model.state_dict().items() if isinstance(v, torch.Tensor)}
             sim = simulate_apb(
                 weights, _shape(ref_model), tokens,
                 anchor_len=layout.anchor_len, block_len=layout.block_len,

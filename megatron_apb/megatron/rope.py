@@ -46,6 +46,7 @@ def apply_rope(x: Tensor, freqs: Tensor, interleaved: bool = False) -> Tensor:
     and cast to x's dtype.
     """
     rot_dim = freqs.shape[-1]
+    freqs = freqs.to(x.device)
     t, t_pass = x[..., :rot_dim], x[..., rot_dim:]
     cos = torch.cos(freqs.float()).to(x.dtype)[None, :, None, :]
     sin = torch.sin(freqs.float()).to(x.dtype)[None, :, None, :]

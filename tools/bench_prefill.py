@@ -1,0 +1,222 @@
+"""Prefill benchmark: a Llama-3.1-8B-shaped Megatron model (random bf16 weights, batch 1).
+
+Run on 1..N GPUs with torchrun; CP = processes / --tp.  For every length and mode it times
+the prefill (embedding + layers, no logits: what the generation engine runs), and reports
+tokens/s, peak memory, a kernel-time breakdown (attention / matmul / communication /
+scoring / other, from the CUDA profiler) and, for APB, the communication time that is not
+hidden (prefill with communication minus prefill with the gathers replaced by local copies).
+
+    torchrun --nproc-per-node 4 tools/bench_prefill.py --lengths 32768 131072 \
+        --modes exact ulysses star apb --out results/prefill_cp4.json
+    python tools/bench_prefill.py --lengths 32768 131072 --modes exact --hf --out results/prefill_1gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SHAPES = {
+    "llama3-8b": dict(num_layers=32, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
+                      ffn_hidden_size=14336, vocab=128256, rotary_base=500000),
+    "qwen2.5-14b": dict(num_layers=48, hidden_size=5120, num_attention_heads=40, num_query_groups=8,
+                        ffn_hidden_size=13824, vocab=152064, rotary_base=1000000),
+    "yi-34b": dict(num_layers=60, hidden_size=7168, num_attention_heads=56, num_query_groups=8,
+                   ffn_hidden_size=20480, vocab=64000, rotary_base=5000000),
+}
+
+CATEGORIES = [  # (category, substrings of CUDA kernel names), first match wins
+    ("communication", ("nccl",)),
+    ("attention", ("fmha", "flash", "cudnn", "attention", "sdpa", "fprop")),
+    ("scoring", ("sort", "topk", "radix", "max_pool", "gather")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "sm90", "cublas")),
+]
+
+
+def _log(*a):
+    if dist.get_rank() == 0:
+        print(*a, flush=True)
+
+
+def build(shape, apb_config, rt, layers=None):
+    from megatron_apb.megatron import build_gpt_model, tiny_transformer_config
+
+    s = dict(SHAPES[shape])
+    vocab, base = s.pop("vocab"), s.pop("rotary_base")
+    if layers:
+        s["num_layers"] = layers
+    cfg = tiny_transformer_config(
+        **s, params_dtype=torch.bfloat16, bf16=True, use_cpu_initialization=False,
+        perform_initialization=False, tensor_model_parallel_size=rt.tp, context_parallel_size=rt.cp,
+    )
+    model = build_gpt_model(cfg, apb_config, vocab_size=vocab, max_sequence_length=1 << 21,
+                            pg_collection=rt.pg, rotary_base=base, parallel_output=True)
+    gen = torch.Generator(device="cuda").manual_seed(1234 + rt.tp_rank)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight") or "norm" in name.split(".")[-2]:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    return model.cuda().eval()
+
+
+def categorize(prof, world_steps):
+    totals = {c: 0.0 for c, _ in CATEGORIES}
+    totals["other"] = 0.0
+    for evt in prof.key_averages():
+        t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if evt.device_type != torch.autograd.DeviceType.CUDA or not t:
+            continue
+        name = evt.key.lower()
+        cat = next((c for c, keys in CATEGORIES if any(k in name for k in keys)), "other")
+        totals[cat] += t / 1e3 / world_steps  # ms per prefill
+    return totals
+
+
+def time_prefill(engine, doc, query, iters, warmup):
+    times = []
+    for i in range(warmup + iters):
+        _, _, _, seconds = engine.prefill(doc, query)
+        if i >= warmup:
+            times.append(seconds)
+    return statistics.median(times), times
+
+
+def run_ours(args, rt):
+    from megatron_apb import APBConfig, comm
+    from megatron_apb.inference import APBEngine
+
+    results = []
+    model = build(args.shape, APBConfig(mode="exact"), rt, args.layers)
+    layers = model.config.num_layers
+    for n in args.lengths:
+        doc = torch.randint(0, 100000, (n,), generator=torch.Generator().manual_seed(n))
+        query = torch.randint(0, 100000, (args.query_len,), generator=torch.Generator().manual_seed(1))
+        for mode in args.modes:
+            cfg = APBConfig(mode=mode, compressor=args.compressor, backend=args.backend,
+                            anchor_ratio=args.anchor_ratio, passing_ratio=args.passing_ratio,
+                            query_prefix_len=16)
+            engine = APBEngine(model, cfg, cp_group=rt.pg.cp, tp_group=rt.pg.tp, vocab_size=128000)
+            torch.cuda.reset_peak_memory_stats()
+            try:
+                median, times = time_prefill(engine, doc, query, args.iters, args.warmup)
+            except torch.OutOfMemoryError:
+                _log(f"{mode} {n}: out of memory")
+                results.append(dict(mode=mode, length=n, oom=True))
+                torch.cuda.empty_cache()
+                continue
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            peak_all = torch.tensor([peak], device="cuda")
+            dist.all_reduce(peak_all, op=dist.ReduceOp.MAX)
+            row = dict(mode=mode, length=n, world=rt.world, tp=rt.tp, cp=rt.cp, shape=args.shape,
+                       layers=layers, prefill_s=median, times_s=times, tokens_per_s=n / median,
+                       peak_mem_gib=peak_all.item(), backend=args.backend)
+            if mode in ("apb", "exact") and rt.cp > 1:  # communication not hidden
+                comm.SKIP_COMMUNICATION_FOR_BENCHMARK = True
+                try:
+                    no_comm, _ = time_prefill(engine, doc, query, args.iters, 1)
+                finally:
+                    comm.SKIP_COMMUNICATION_FOR_BENCHMARK = False
+                row["prefill_without_comm_s"] = no_comm
+                row["unhidden_comm_s"] = max(0.0, median - no_comm)
+            if args.breakdown:
+                from torch.profiler import ProfilerActivity, profile
+
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    engine.prefill(doc, query)
+                ms = categorize(prof, 1)
+                row["kernel_ms"] = ms
+                row["kernel_ms_per_layer"] = {k: v / layers for k, v in ms.items()}
+            results.append(row)
+            _log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
+                             if k not in ("times_s",)}))
+    return results
+
+
+def run_hf(args):
+    """Single-GPU Hugging Face transformers (sdpa) prefill; logits of the last token only."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    s = SHAPES[args.shape]
+    cfg = LlamaConfig(hidden_size=s["hidden_size"], intermediate_size=s["ffn_hidden_size"],
+                      num_hidden_layers=args.layers or s["num_layers"],
+                      num_attention_heads=s["num_attention_heads"],
+                      num_key_value_heads=s["num_query_groups"], vocab_size=s["vocab"],
+                      rope_theta=s["rotary_base"], max_position_embeddings=1 << 20,
+                      attn_implementation="sdpa")
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    results = []
+    for n in args.lengths:
+        ids = torch.randint(0, 100000, (1, n), device="cuda")
+        times = []
+        torch.cuda.reset_peak_memory_stats()
+        for i in range(args.warmup + args.iters):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                h = model.model(input_ids=ids).last_hidden_state
+                model.lm_head(h[:, -1:])
+            torch.cuda.synchronize()
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+        median = statistics.median(times)
+        row = dict(mode="hf_sdpa_1gpu", length=n, world=1, prefill_s=median, times_s=times,
+                   tokens_per_s=n / median, peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30)
+        print(json.dumps(row), flush=True)
+        results.append(row)
+    del model
+    torch.cuda.empty_cache()
+    return results
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+    p.add_argument("--layers", type=int, help="fewer layers than the shape has (quick runs)")
+    p.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    p.add_argument("--modes", nargs="+", default=["exact", "ulysses", "star", "apb"])
+    p.add_argument("--hf", action="store_true", help="also time HF transformers on one GPU")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--compressor", default="query_attention")
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--anchor-ratio", type=float, default=0.25)
+    p.add_argument("--passing-ratio", type=float, default=0.125)
+    p.add_argument("--query-len", type=int, default=32)
+    p.add_argument("--iters", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--breakdown", action="store_true", help="profile one prefill per case")
+    p.add_argument("--out", help="JSON file to write (rank 0)")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_prefill.py needs CUDA GPUs")
+    from megatron_apb.inference.launch import init_runtime
+
+    rt = init_runtime(args.tp, "bf16")
+    results = []
+    if args.hf and rt.world == 1:
+        results += run_hf(args)
+    if args.modes:
+        results += run_ours(args, rt)
+    if rt.rank == 0 and args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        meta = dict(device=torch.cuda.get_device_name(), gpus=rt.world, torch=torch.__version__,
+                    command=" ".join(sys.argv))
+        with open(args.out, "w") as f:
+            json.dump(dict(meta=meta, results=results), f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# On the GPU machine: GPU tests, the attention-kernel benchmark and the prefill benchmarks.
+#   OUT=results/h200x4 bash tools/run_gpu_suite.sh [stage ...]
+# Stages: tests attention cp single (default: all).  Each stage has a time limit so one
+# failure cannot eat the machine's time.  NVLink multicast stays off (shared hosts).
+set -u
+OUT=${OUT:-results/gpu}
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+NG=$(python3 -c "import torch; print(torch.cuda.device_count())")
+CP_LENGTHS=${CP_LENGTHS:-"32768 131072"}
+SINGLE_LENGTHS=${SINGLE_LENGTHS:-"32768 131072"}
+stages=${*:-tests attention cp single}
+log() { echo "== $(date +%T) $*" | tee -a "$OUT/log.txt"; }
+for stage in $stages; do
+  case $stage in
+    tests)
+      log "GPU tests on $NG GPUs"
+      timeout 240 python3 -m pytest -q -x tests/test_gpu.py 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt" ;;
+    attention)
+      log "attention kernels"
+      timeout 120 python3 tools/bench_attention.py --out "$OUT/attention.json" 2>&1 | tail -12 | tee -a "$OUT/log.txt" ;;
+    cp)
+      log "prefill on $NG GPUs: $CP_LENGTHS"
+      timeout ${CP_TIMEOUT:-300} torchrun --standalone --nproc-per-node "$NG" tools/bench_prefill.py \
+        --lengths $CP_LENGTHS --modes exact ulysses star apb --breakdown \
+        --out "$OUT/prefill_cp$NG.json" 2>&1 | grep -v Warning | tail -20 | tee -a "$OUT/log.txt" ;;
+    single)
+      log "prefill on 1 GPU: $SINGLE_LENGTHS"
+      timeout ${SINGLE_TIMEOUT:-240} python3 tools/bench_prefill.py --lengths $SINGLE_LENGTHS \
+        --modes exact --hf --out "$OUT/prefill_1gpu.json" 2>&1 | grep -v Warning | tail -10 | tee -a "$OUT/log.txt" ;;
+  esac
+done
+log done
