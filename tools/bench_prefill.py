@@ -92,6 +92,21 @@ def time_prefill(engine, doc, query, iters, warmup):
     return statistics.median(times), times
 
 
+def decode_latency(engine, doc, query, steps):
+    """Median milliseconds per generated token after a prefill of ``doc`` (phase 2)."""
+    cache, _, n, _ = engine.prefill(doc, query)
+    engine.step(cache, query, n)
+    pos, times = n + query.numel(), []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        engine.step(cache, [1], pos)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        pos += 1
+    return 1e3 * statistics.median(times[2:] or times)
+
+
 def run_ours(args, rt):
     from megatron_apb import APBConfig, comm
     from megatron_apb.inference import APBEngine
@@ -129,6 +144,8 @@ def run_ours(args, rt):
                     comm.SKIP_COMMUNICATION_FOR_BENCHMARK = False
                 row["prefill_without_comm_s"] = no_comm
                 row["unhidden_comm_s"] = max(0.0, median - no_comm)
+            if args.decode and mode == args.decode_mode:
+                row["decode_ms_per_token"] = decode_latency(engine, doc, query, args.decode)
             if args.breakdown:
                 from torch.profiler import ProfilerActivity, profile
 
@@ -173,6 +190,19 @@ def run_hf(args):
         median = statistics.median(times)
         row = dict(mode="hf_sdpa_1gpu", length=n, world=1, prefill_s=median, times_s=times,
                    tokens_per_s=n / median, peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30)
+        if args.decode:
+            with torch.no_grad():
+                out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+                past, tok, steps = out.past_key_values, torch.ones(1, 1, dtype=torch.long, device="cuda"), []
+                for _ in range(args.decode):
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    out = model(input_ids=tok, past_key_values=past, use_cache=True)
+                    past = out.past_key_values
+                    torch.cuda.synchronize()
+                    steps.append(time.perf_counter() - t0)
+            row["decode_ms_per_token"] = 1e3 * statistics.median(steps[2:] or steps)
+            del past, out
         print(json.dumps(row), flush=True)
         results.append(row)
     del model
@@ -196,6 +226,8 @@ def main():
     p.add_argument("--iters", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--breakdown", action="store_true", help="profile one prefill per case")
+    p.add_argument("--decode", type=int, default=0, help="also time this many decode steps")
+    p.add_argument("--decode-mode", default="apb", help="mode whose decoding is timed")
     p.add_argument("--out", help="JSON file to write (rank 0)")
     args = p.parse_args()
     if not torch.cuda.is_available():

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine: GPU tests, the attention-kernel benchmark and the prefill benchmarks.
 #   OUT=results/h200x4 bash tools/run_gpu_suite.sh [stage ...]
-# Stages: tests attention cp single (default: all).  Each stage has a time limit so one
+# Stages: tests attention cp long single (default: all).  Each stage has a time limit so one
 # failure cannot eat the machine's time.  NVLink multicast stays off (shared hosts).
 set -u
 OUT=${OUT:-results/gpu}
@@ -10,7 +10,8 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 NG=$(python3 -c "import torch; print(torch.cuda.device_count())")
 CP_LENGTHS=${CP_LENGTHS:-"32768 131072"}
 SINGLE_LENGTHS=${SINGLE_LENGTHS:-"32768 131072"}
-stages=${*:-tests attention cp single}
+LONG_LENGTHS=${LONG_LENGTHS:-"524288"}
+stages=${*:-tests attention cp long single}
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/log.txt"; }
 for stage in $stages; do
   case $stage in
@@ -23,12 +24,17 @@ for stage in $stages; do
     cp)
       log "prefill on $NG GPUs: $CP_LENGTHS"
       timeout ${CP_TIMEOUT:-300} torchrun --standalone --nproc-per-node "$NG" tools/bench_prefill.py \
-        --lengths $CP_LENGTHS --modes exact ulysses star apb --breakdown \
+        --lengths $CP_LENGTHS --modes exact ulysses star apb --breakdown --decode 20 \
         --out "$OUT/prefill_cp$NG.json" 2>&1 | grep -v Warning | tail -20 | tee -a "$OUT/log.txt" ;;
+    long)
+      log "prefill on $NG GPUs, long: $LONG_LENGTHS (one timed run each)"
+      timeout ${LONG_TIMEOUT:-240} torchrun --standalone --nproc-per-node "$NG" tools/bench_prefill.py \
+        --lengths $LONG_LENGTHS --modes apb star ulysses --iters 1 --warmup 0 \
+        --out "$OUT/prefill_cp${NG}_long.json" 2>&1 | grep -v Warning | tail -8 | tee -a "$OUT/log.txt" ;;
     single)
       log "prefill on 1 GPU: $SINGLE_LENGTHS"
       timeout ${SINGLE_TIMEOUT:-240} python3 tools/bench_prefill.py --lengths $SINGLE_LENGTHS \
-        --modes exact --hf --out "$OUT/prefill_1gpu.json" 2>&1 | grep -v Warning | tail -10 | tee -a "$OUT/log.txt" ;;
+        --modes exact --hf --decode 20 --decode-mode exact --out "$OUT/prefill_1gpu.json" 2>&1 | grep -v Warning | tail -10 | tee -a "$OUT/log.txt" ;;
   esac
 done
 log done

@@ -30,10 +30,16 @@ def rank_grid_groups(tp_size: int, cp_size: int):
     grid = torch.arange(world).view(world // (tp_size * cp_size), cp_size, tp_size)
     groups = {}
 
+    options = {}
+    if dist.get_backend() == "nccl":
+        # high-priority NCCL streams: the passing-block gather is scheduled ahead of the
+        # attention kernels it overlaps with instead of waiting for free SMs
+        options["pg_options"] = dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
+
     def pick(name, lines):
         for line in lines:
             ranks = line.tolist()
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, **options)
             if rank in ranks:
                 groups[name] = group
 

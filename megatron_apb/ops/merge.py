@@ -28,6 +28,8 @@ def merge_attention(
         raise ValueError("merge_attention needs as many lse tensors as outputs, at least one")
     if len(outs) == 1:
         return outs[0], lses[0].float()
+    if len(outs) == 2 and outs[0].is_cuda:
+        return _merge_two_fused()(outs[0], lses[0], outs[1], lses[1])
     lse_stack = torch.stack([l.float() for l in lses])  # [n, b, h, s]
     lse = torch.logsumexp(lse_stack, dim=0)
     safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
@@ -40,3 +42,26 @@ def merge_attention(
 def merge_attention_stacked(out: torch.Tensor, lse: torch.Tensor):
     """:func:`merge_attention` over a leading dimension: out [n, b, s, h, d], lse [n, b, h, s]."""
     return merge_attention(list(out.unbind(0)), list(lse.unbind(0)))
+
+
+def _merge_two(o1, l1, o2, l2):
+    """Two-part merge; the same math as :func:`merge_attention`, written for fusion."""
+    lse = torch.logaddexp(l1.float(), l2.float())
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    w1 = torch.exp(l1.float() - safe).transpose(1, 2).unsqueeze(-1)
+    w2 = torch.exp(l2.float() - safe).transpose(1, 2).unsqueeze(-1)
+    return (w1 * o1.float() + w2 * o2.float()).to(o1.dtype), lse
+
+
+_FUSED_MERGE = None
+
+
+def _merge_two_fused():
+    """:func:`_merge_two` compiled into one kernel on GPU (eager if compilation fails)."""
+    global _FUSED_MERGE
+    if _FUSED_MERGE is None:
+        try:
+            _FUSED_MERGE = torch.compile(_merge_two, dynamic=True)
+        except Exception:  # no compiler toolchain: the eager version is still exact
+            _FUSED_MERGE = _merge_two
+    return _FUSED_MERGE

@@ -66,16 +66,23 @@ def apb_context_attention(
     kw = dict(softmax_scale=softmax_scale, backend=backend)
     anchor = attention_with_lse(q[:, :la], k[:, :la], v[:, :la], causal=True, **kw)
     ql, kl, vl = q[:, la:], k[:, la:], v[:, la:]
-    parts = [attention_with_lse(ql, kl, vl, causal=True, **kw)]
+    own = attention_with_lse(ql, kl, vl, causal=True, **kw)  # the largest part: overlaps the gather
+    context_k, context_v = [], []
     if la > 0 and layout.anchor_visible_on(rank):
-        parts.append(attention_with_lse(ql, k[:, :la], v[:, :la], causal=False, **kw))
+        context_k.append(k[:, :la]), context_v.append(v[:, :la])
     if pending is not None:
         gathered = pending.wait()  # [world, batch, passing, kv_heads, 2*head_dim]
         if rank > 0:
             blocks = gathered[:rank].permute(1, 0, 2, 3, 4).flatten(1, 2)
             pk, pv = blocks.chunk(2, dim=-1)
-            parts.append(attention_with_lse(ql, pk, pv, causal=False, **kw))
-    local, _ = merge_attention([p[0] for p in parts], [p[1] for p in parts])
+            context_k.append(pk), context_v.append(pv)
+    if not context_k:
+        return torch.cat([anchor[0], own[0]], dim=1)
+    # anchor and passing block in one unmasked call, then one merge with the own block
+    ctx = attention_with_lse(
+        ql, torch.cat(context_k, dim=1), torch.cat(context_v, dim=1), causal=False, **kw
+    )
+    local, _ = merge_attention([own[0], ctx[0]], [own[1], ctx[1]])
     return torch.cat([anchor[0], local], dim=1)
 
 
