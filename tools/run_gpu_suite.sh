@@ -17,14 +17,14 @@ for stage in $stages; do
   case $stage in
     tests)
       log "GPU tests on $NG GPUs"
-      timeout 240 python3 -m pytest -q -x tests/test_gpu.py 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt" ;;
+      timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -x tests/test_gpu.py ${TEST_ARGS:-} 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt" ;;
     attention)
       log "attention kernels"
       timeout 120 python3 tools/bench_attention.py --out "$OUT/attention.json" 2>&1 | tail -12 | tee -a "$OUT/log.txt" ;;
     cp)
       log "prefill on $NG GPUs: $CP_LENGTHS"
       timeout ${CP_TIMEOUT:-300} torchrun --standalone --nproc-per-node "$NG" tools/bench_prefill.py \
-        --lengths $CP_LENGTHS --modes exact ulysses star apb --breakdown --decode 20 \
+        --lengths $CP_LENGTHS --modes exact ulysses star apb --breakdown --decode 20 ${BENCH_ARGS:-} \
         --out "$OUT/prefill_cp$NG.json" 2>&1 | grep -v Warning | tail -20 | tee -a "$OUT/log.txt" ;;
     long)
       log "prefill on $NG GPUs, long: $LONG_LENGTHS (one timed run each)"
