@@ -1,0 +1,242 @@
+"""APB attention inside a Hugging Face Llama-family model, and a view of it for the engine.
+
+:func:`swap_in_apb_attention` replaces every decoder layer's ``self_attn`` of a
+``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``MistralForCausalLM`` with
+:class:`HFAPBAttention`: the layer's own ``q_proj``/``k_proj``/``v_proj``/``o_proj`` (kept
+under the same names, so DeepSpeed's injection policy and AutoTP still find and shard them)
+around megatron_apb's :class:`~megatron_apb.megatron.core_attention.APBCoreAttention`,
+which applies RoPE at each row's true position and runs the APB collectives over the CP
+group.  Weights stay where they are: nothing is converted.
+
+:class:`HFModelForAPB` presents that model with the few members
+:class:`~megatron_apb.inference.APBEngine` uses of a Megatron ``GPTModel`` (``embedding``,
+``decoder``, ``rotary_pos_emb``, ``output_layer``), so the same engine runs APB prefill and
+exact distributed decoding on the Hugging Face layers::
+
+    hf = AutoModelForCausalLM.from_pretrained(path)
+    view = HFModelForAPB(hf, APBConfig(mode="apb"), cp_group=cp, tp_group=tp)
+    engine = APBEngine(view, view.apb_config, cp_group=cp, tp_group=tp, vocab_size=view.vocab_size)
+
+Tensor parallelism of these layers is DeepSpeed's (``megatron_apb.deepspeed``): once it
+has sharded ``q_proj``/``k_proj``/``v_proj`` by heads, each rank's attention sees its own
+heads, and the core attention is sized for ``tp_group``.
+
+The model's own ``forward``/``generate`` do not run APB: run it through the engine.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import APBConfig, APBConfigError
+
+
+def _layers(hf_model):
+    inner = getattr(hf_model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None or getattr(inner, "embed_tokens", None) is None or getattr(inner, "norm", None) is None:
+        raise APBConfigError(
+            f"{type(hf_model).__name__} is not a Llama-family *ForCausalLM (expected "
+            "model.embed_tokens, model.layers, model.norm and lm_head)"
+        )
+    return inner, layers
+
+
+class HFAPBAttention(nn.Module):
+    """A Hugging Face attention layer whose attention runs through ``APBCoreAttention``.
+
+    ``q_proj``/``k_proj``/``v_proj``/``o_proj`` are the original modules (or DeepSpeed's
+    sharded replacements of them).  Input/output as the Hugging Face attention:
+    hidden ``[b, s, hidden]`` -> ``(out [b, s, hidden], None)``.
+    """
+
+    def __init__(self, original: nn.Module, core_attention: nn.Module, head_dim: int):
+        super().__init__()
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(self, name, getattr(original, name))
+        self.core_attention = core_attention
+        self.head_dim = head_dim
+        self.layer_idx = getattr(original, "layer_idx", None)
+        self.rotary_table: Optional[torch.Tensor] = None  # set by HFModelForAPB per forward
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if self.rotary_table is None:
+            raise RuntimeError(
+                "this model's attention was replaced by APB attention: run it through "
+                "megatron_apb (APBEngine / the object megatron_apb.deepspeed.init_inference "
+                "returns), not through the Hugging Face forward or generate"
+            )
+        b, s, _ = hidden_states.shape
+
+        def heads(proj):  # [b, s, heads*d] -> Megatron's [s, b, heads, d]
+            return proj(hidden_states).view(b, s, -1, self.head_dim).transpose(0, 1)
+
+        q, k, v = heads(self.q_proj), heads(self.k_proj), heads(self.v_proj)
+        self.core_attention.rotary_table = self.rotary_table
+        try:
+            out = self.core_attention(q, k, v)  # [s, b, heads*d]
+        finally:
+            self.core_attention.rotary_table = None
+        return self.o_proj(out.transpose(0, 1)), None
+
+
+class _Embedding(nn.Module):
+    def __init__(self, owner):
+        super().__init__()
+        self._owner = [owner]  # a plain reference: not a second registration of the weights
+
+    def forward(self, input_ids, position_ids=None):
+        hf = self._owner[0].hf_model
+        return hf.get_input_embeddings()(input_ids).transpose(0, 1)  # [s, b, hidden]
+
+
+class _Decoder(nn.Module):
+    def __init__(self, owner, layers, norm):
+        super().__init__()
+        self._owner = [owner]
+        self.layers = layers
+        self.final_layernorm = norm
+
+    def forward(self, hidden_states, attention_mask=None, rotary_pos_emb=None, **unused):
+        """hidden [s, b, hidden] (Megatron's layout) -> [s, b, hidden] after the final norm."""
+        owner = self._owner[0]
+        owner.forward_guard.reset()
+        x = hidden_states.transpose(0, 1)
+        for attn in owner.attentions:
+            attn.rotary_table = rotary_pos_emb
+        try:
+            for layer in self.layers:
+                out = layer(x, attention_mask=None, position_ids=None, position_embeddings=None)
+                x = out[0] if isinstance(out, tuple) else out
+        finally:
+            for attn in owner.attentions:
+                attn.rotary_table = None
+        return self.final_layernorm(x).transpose(0, 1)
+
+
+class _Output(nn.Module):
+    def __init__(self, owner):
+        super().__init__()
+        self._owner = [owner]
+
+    def forward(self, hidden, weight=None):
+        return self._owner[0].hf_model.get_output_embeddings()(hidden), None
+
+
+class _Rotary(nn.Module):
+    """Megatron-format rotary table ``[length, 1, 1, head_dim]`` of rotation angles, in
+    float32 on the device of the model's embedding whatever the model was cast to."""
+
+    def __init__(self, owner, inv_freq: torch.Tensor, position_scale: float):
+        super().__init__()
+        self._owner = [owner]
+        self._inv_freq = inv_freq.float()  # not a buffer: .half()/.bfloat16() must not touch it
+        self.position_scale = position_scale
+
+    def forward(self, length: int):
+        device = self._owner[0].hf_model.get_input_embeddings().weight.device
+        inv_freq = self._inv_freq.to(device)
+        positions = torch.arange(length, dtype=torch.float32, device=device) * self.position_scale
+        angles = torch.outer(positions, inv_freq)
+        return torch.cat([angles, angles], dim=-1)[:, None, None, :]
+
+
+def swap_in_apb_attention(hf_model, apb_config: APBConfig, *, cp_group, tp_group=None, heads=None):
+    """Replace every ``self_attn`` of ``hf_model`` with :class:`HFAPBAttention` (in place).
+
+    Args:
+        apb_config: APB settings (validated); with ``compressor="retaining_head"``,
+            ``heads`` must give trained heads.
+        cp_group, tp_group: the context- and tensor-parallel groups of this rank.  TP is
+            applied to the projections later (by DeepSpeed); the core attention is sized
+            for it now.
+        heads: ``{layer: (fc1, fc2)}`` full retaining-head weights (reference layout,
+            ``megatron_apb.heads.read_retaining_heads``), sharded here for this TP rank.
+    Returns:
+        ``(spec, attentions)``: the model's :class:`~megatron_apb.megatron.checkpoint.ModelSpec`
+        and the new attention modules in layer order.
+    """
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from .comm import group_rank, group_size
+    from .compress import shard_retaining_head
+    from .megatron.checkpoint import ModelSpec
+    from .megatron.spec import bind_core_attention
+
+    _, layers = _layers(hf_model)
+    spec = ModelSpec.from_hf_config(hf_model.config)  # refuses unsupported architectures
+    tp, cp = group_size(tp_group), group_size(cp_group)
+    if apb_config.mode == "apb" and apb_config.compressor == "retaining_head":
+        if heads is None:
+            raise APBConfigError(
+                'compressor "retaining_head" needs trained heads: give "heads" (a safetensors '
+                'file) in the "apb" section, or use compressor "query_attention"'
+            )
+        missing = sorted(set(range(spec.num_layers)) - set(heads))
+        if missing:
+            raise APBConfigError(f"the retaining-head checkpoint lacks layers {missing}")
+        apb_config = apb_config.replace(retaining_head_hidden=int(heads[0][0].shape[0]))
+    dtype = next(hf_model.parameters()).dtype
+    config = spec.transformer_config(tp, cp, dtype=dtype)
+    core_cls = bind_core_attention(apb_config)
+    pg = ProcessGroupCollection(tp=tp_group, cp=cp_group)
+    attentions = []
+    for i, layer in enumerate(layers):
+        original = layer.self_attn
+        if isinstance(original, HFAPBAttention):
+            raise APBConfigError("the model's attention is APB attention already; load the model afresh")
+        core = core_cls(config=config, layer_number=i + 1, pg_collection=pg)
+        if core.retaining_head is not None:
+            fc1, fc2 = shard_retaining_head(
+                *heads[i], num_heads=spec.num_attention_heads, num_kv_heads=spec.num_query_groups,
+                head_dim=spec.kv_channels, tp_rank=group_rank(tp_group), tp_size=tp,
+            )
+            with torch.no_grad():
+                core.retaining_head.fc1.weight.copy_(fc1)
+                core.retaining_head.fc2.weight.copy_(fc2)
+        device = next(original.parameters()).device
+        attn = HFAPBAttention(original, core.to(device), spec.kv_channels)
+        layer.self_attn = attn
+        attentions.append(attn)
+    return spec, attentions
+
+
+class HFModelForAPB(nn.Module):
+    """A Llama-family Hugging Face ``*ForCausalLM`` with APB attention, shaped for
+    :class:`~megatron_apb.inference.APBEngine`.
+
+    Builds the APB attention in place (:func:`swap_in_apb_attention`).  Build it *after*
+    DeepSpeed has sharded ``hf_model`` (DeepSpeed's injection policy replaces every
+    ``nn.Linear`` of a decoder layer, the retaining heads' too); the model may still be
+    moved or cast afterwards: this view looks its modules up on every call.
+    """
+
+    share_embeddings_and_output_weights = False  # the HF lm_head is used as it is
+    parallel_output = False  # ... and gives full-vocabulary logits on every rank
+
+    def __init__(self, hf_model, apb_config: APBConfig, *, cp_group, tp_group=None, heads=None):
+        super().__init__()
+        from .megatron.core_attention import ForwardGuard
+
+        inner, layers = _layers(hf_model)
+        self.hf_model = hf_model
+        self.spec, attentions = swap_in_apb_attention(
+            hf_model, apb_config, cp_group=cp_group, tp_group=tp_group, heads=heads
+        )
+        self.attentions = attentions  # a plain list: the modules are registered via hf_model
+        self.apb_config = attentions[0].core_attention.apb_config if attentions else apb_config
+        self.forward_guard = ForwardGuard()
+        for attn in attentions:
+            attn.core_attention.forward_guard = self.forward_guard
+        self.vocab_size = self.spec.vocab_size
+        self.embedding = _Embedding(self)
+        self.decoder = _Decoder(self, layers, inner.norm)
+        self.output_layer = _Output(self)
+        scale = 1.0 / self.spec.rope_scaling_factor if self.spec.rope_scaling_type == "linear" else 1.0
+        self.rotary_pos_emb = _Rotary(self, self.spec.rope_inv_freq(), scale)
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("run HFModelForAPB through megatron_apb.inference.APBEngine")

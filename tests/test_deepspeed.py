@@ -1,0 +1,166 @@
+"""``megatron_apb.deepspeed.init_inference``: DeepSpeed inference with APB context parallelism.
+
+The DeepSpeed path must give the same tokens as our own engine in the same mode, on the
+same weights and prompt (gloo, CPU processes):
+
+* Megatron-Core: a GPTModel built with Megatron's *own* layer spec (no APB) gets APB
+  swapped in by ``init_inference``; the reference is a GPTModel built with the APB spec.
+* Hugging Face: a tiny random Llama (GQA) saved to disk; ``init_inference`` runs on the HF
+  model itself (APB attention swapped into its layers, DeepSpeed's injection-policy TP);
+  the reference is our engine on the same checkpoint converted to Megatron.
+
+Logits: the two paths run different code for the projections and MLPs (Megatron's layers
+vs Hugging Face's or the same Megatron layers re-wired) in float32, so first-step logits
+agree to ~1e-6; the bound 1e-4 leaves room for summation order, tokens must be identical.
+"""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+
+from megatron_apb import APBConfigError  # noqa: E402
+from megatron_apb.deepspeed import APB_SECTION_KEYS, split_config  # noqa: E402
+from tests.deepspeed_workers import hf_ds_vs_engine, megatron_ds_vs_engine  # noqa: E402
+from tests.distributed import run_distributed  # noqa: E402
+
+LOGIT_TOL = 1e-4
+
+# query of 4 tokens in a 10-token anchor after a 2-token prefix; 4 tokens passed per rank
+APB = dict(mode="apb", anchor_len=10, passing_len=4, query_prefix_len=2)
+MEGATRON_CASES = [
+    ("apb_query_attention", dict(APB, compressor="query_attention"),
+     dict(APB, compressor="query_attention", cp_size=2)),
+    ("apb_retaining_head", dict(APB, compressor="retaining_head", retaining_head_hidden=32),
+     dict(APB, heads="<written by the worker>")),
+    ("star", dict(mode="star", anchor_len=10), dict(mode="star", anchor_len=10)),
+    ("exact", dict(mode="exact"), dict(mode="exact", cp_size=2)),
+]
+BAD_SECTIONS = [dict(mode="apb", cp_size=3)]
+
+
+def _check(results):
+    for rank, res in enumerate(results):
+        for name, r in res.items():
+            if name == "errors":
+                continue
+            assert r["cp"] == 2, (rank, name, r)
+            assert r["logit_err"] <= LOGIT_TOL, (rank, name, r["logit_err"])
+            assert list(r["got"]) == list(r["want"]), (rank, name, r["got"], r["want"])
+            assert list(r["got"]) == list(results[0][name]["got"]), (rank, name)
+
+
+def test_megatron_model_cp2_same_tokens_as_engine(tmp_path):
+    results = run_distributed(
+        megatron_ds_vs_engine, 2, 1, 2, 40, 8, MEGATRON_CASES, str(tmp_path / "heads.safetensors"),
+        BAD_SECTIONS, timeout=400,
+    )
+    _check(results)
+    first = results[0]["apb_query_attention"]
+    assert first["kind"] == "megatron" and first["ds_module"] == "InferenceEngine"
+    assert first["swapped"] == "APBSelfAttention"
+    assert results[0]["apb_retaining_head"]["heads_loaded"] is True
+    for res in results:  # models built with the APB spec beforehand give the same tokens
+        for name in ("apb_query_attention", "star", "exact"):
+            assert list(res[name]["got_prebuilt"]) == list(res[name]["want"]), (name, res[name])
+    for res in results:
+        (error,) = res["errors"]
+        assert error is not None and "cp_size=3" in error and "does not divide the 2 processes" in error, error
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from safetensors.torch import save_file
+
+    from tests.test_checkpoint import _configs, _hf_model
+
+    root = tmp_path_factory.mktemp("ds_llama")
+    config = _configs()["llama_untied_v101"]  # 8 heads, 2 KV heads, head_dim 8, 2 layers
+    _hf_model(config, 21).save_pretrained(root / "model")
+    g = torch.Generator().manual_seed(4)
+    width = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
+    heads = {}
+    for i in range(config.num_hidden_layers):
+        heads[f"model.layers.{i}.self_attn.fc1.weight"] = 0.2 * torch.randn(48, width, generator=g)
+        heads[f"model.layers.{i}.self_attn.fc2.weight"] = 0.2 * torch.randn(config.num_key_value_heads, 48, generator=g)
+    save_file(heads, str(root / "heads.safetensors"))
+    doc = torch.randint(0, config.vocab_size, (44,), generator=g).tolist()
+    query = torch.randint(0, config.vocab_size, (5,), generator=g).tolist()
+    return str(root / "model"), str(root / "heads.safetensors"), doc, query
+
+
+HF_APB = dict(mode="apb", anchor_len=10, passing_len=4, query_prefix_len=2)
+HF_CASES = [
+    ("apb_query_attention", dict(HF_APB), dict(HF_APB, cp_size=2)),
+    ("apb_retaining_head", dict(HF_APB, compressor="retaining_head"), dict(HF_APB, heads="<fixture>")),
+    ("ulysses", dict(mode="ulysses"), dict(mode="ulysses")),
+]
+
+
+def test_hf_llama_cp2_same_tokens_as_engine(tiny_llama):
+    path, heads, doc, query = tiny_llama
+    results = run_distributed(hf_ds_vs_engine, 2, 1, 2, path, doc, query, 10, HF_CASES, heads, timeout=400)
+    _check(results)
+    r = results[0]["apb_query_attention"]
+    assert r["kind"] == "hf" and r["attention"] == "HFAPBAttention"
+
+
+def test_hf_llama_deepspeed_tp2_cp2(tiny_llama):
+    """DeepSpeed's injection-policy TP (q_proj split by heads, retaining heads sharded by
+    ours) under APB over CP: 4 processes, TP groups {0,1}, {2,3}."""
+    path, heads, doc, query = tiny_llama
+    results = run_distributed(hf_ds_vs_engine, 4, 2, 2, path, doc, query, 6, HF_CASES[:2], heads, timeout=400)
+    _check(results)
+    for res in results:
+        r = res["apb_query_attention"]
+        assert r["q_proj"] == "LinearLayer" and r["q_rows"] == 32  # 8 heads x 8 / TP 2
+
+
+# ------------------------------------------------------------------ bad "apb" sections
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        ({"dtype": "fp32"}, 'no "apb" section'),
+        ({"apb": "apb"}, "must be a JSON object"),
+        ({"apb": {"mode": "apb", "passing": 4}}, "unknown key(s) ['passing']"),
+        ({"apb": {"mode": "ring"}}, "mode must be one of"),
+        ({"apb": {"cp_size": 0}}, "cp_size must be a positive integer"),
+        ({"apb": {"cp_size": "2"}}, "cp_size must be a positive integer"),
+        ({"apb": {"compressor": "retaining_head"}}, 'needs trained heads: add "heads"'),
+        ({"apb": {"heads": "/no/such/heads.safetensors"}}, "does not exist"),
+        ({"apb": {"mode": "star", "passing_len": 8}}, "passes no blocks"),
+        ({"apb": {"mode": "exact", "anchor_len": 8}}, "uses no anchor"),
+        ({"apb": {"anchor_ratio": 2.0}}, "anchor_ratio must lie in [0, 1]"),
+        ({"apb": {}, "replace_with_kernel_inject": True}, "would remove APB"),
+    ],
+)
+def test_bad_apb_section_is_refused_clearly(config, message):
+    with pytest.raises(APBConfigError) as info:
+        split_config(config)
+    assert message in str(info.value), str(info.value)
+    if "apb" in config and isinstance(config["apb"], dict) and config.get("replace_with_kernel_inject") is None:
+        assert str(info.value).startswith('DeepSpeed config, "apb" section:')
+
+
+def test_json_file_and_defaults(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"dtype": "bf16", "tensor_parallel": {"tp_size": 2},
+                                "apb": {"mode": "apb", "cp_size": 4, "anchor_len": 64}}))
+    section, rest = split_config(str(path))
+    assert rest == {"dtype": "bf16", "tensor_parallel": {"tp_size": 2}}
+    assert section.cp_size == 4 and section.heads is None
+    assert section.apb_config.anchor_len == 64 and section.apb_config.compressor == "query_attention"
+    assert set(APB_SECTION_KEYS) >= {"mode", "cp_size", "anchor_len", "passing_len", "compressor", "heads"}
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(APBConfigError, match="not valid JSON"):
+        split_config(str(tmp_path / "bad.json"))
+
+
+def test_megatron_model_refuses_deepspeed_tp():
+    from megatron_apb.deepspeed import _init_megatron, split_config as split
+
+    section, rest = split({"tensor_parallel": {"tp_size": 2}, "apb": {}})
+    with pytest.raises(APBConfigError, match="Megatron already splits its layers"):
+        _init_megatron(None, object(), section, rest, None, None, None, 0, None)
