@@ -59,3 +59,19 @@ def generate_from_hf_checkpoint(rank, world, tp, cp, path, doc, query, n_new):
     engine = APBEngine(model, apb_config, cp_group=pg.cp, tp_group=pg.tp, vocab_size=spec.vocab_size)
     out = engine.generate(torch.as_tensor(doc), torch.as_tensor(query), SamplingConfig(max_new_tokens=n_new))
     return out.output_ids
+
+
+def prefill_error(rank, world, n_doc):
+    """Prefill a document of ``n_doc`` tokens; returns the error message (None if none)."""
+    _setup()
+    from megatron_apb import APBConfig
+    from megatron_apb.megatron import rank_grid_groups
+
+    pg = rank_grid_groups(1, world)
+    apb_config = APBConfig(mode="apb")
+    engine = _engine(_model(apb_config, 1, world, pg), apb_config, pg)
+    try:
+        engine.prefill(torch.arange(1, n_doc + 1), torch.tensor([5, 6]))
+    except Exception as exc:
+        return str(exc)
+    return None

@@ -69,6 +69,20 @@ def test_generate_finds_pass_key_on_4_ranks(smollm2, tmp_path):
     assert key == result["expected_answer"]
     assert apb["document_ids"] == prompt.document_ids and apb["query_ids"] == prompt.query_ids
     assert "prefill" in proc.stdout and "time to first token" in proc.stdout
+    # exact mode on 4 ranks generates what Hugging Face transformers generates from the GGUF
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from megatron_apb.megatron.checkpoint import default_model_path
+
+    path = default_model_path()
+    hf = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    ).eval()
+    ids = torch.tensor([exact["document_ids"] + exact["query_ids"]])
+    with torch.no_grad():
+        want = hf.generate(ids, max_new_tokens=len(exact["output_ids"]), do_sample=False)[0, ids.shape[1]:]
+    assert exact["output_ids"] == want.tolist()
 
 
 @needs_smollm2

@@ -38,3 +38,10 @@ def test_rank_with_only_padding():
     # 4 query tokens; the others hold exactly their 3-token blocks
     assert results[3]["exact"][2] == 4
     assert [results[r]["exact"][2] for r in range(3)] == [3, 3, 3]
+
+
+def test_document_shorter_than_world_fails_on_every_rank():
+    from tests.engine_workers import prefill_error
+
+    errors = run_distributed(prefill_error, 4, 3, timeout=120)
+    assert all(e is not None and "fewer than the 4" in e for e in errors), errors
