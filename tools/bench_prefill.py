@@ -152,8 +152,12 @@ def run_ours(args, rt):
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
                     engine.prefill(doc, query)
                 ms = categorize(prof, 1)
+                per_rank = [None] * rt.world
+                dist.all_gather_object(per_rank, ms)
+                # rank 0's (as before) and every rank's: the last CP rank is the critical path
                 row["kernel_ms"] = ms
                 row["kernel_ms_per_layer"] = {k: v / layers for k, v in ms.items()}
+                row["kernel_ms_by_rank"] = per_rank
             results.append(row)
             _log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
                              if k not in ("times_s",)}))
