@@ -58,11 +58,6 @@ def all_gather_async(x: Tensor, group) -> PendingGather:
     return PendingGather(flat.view((world,) + tuple(x.shape)), work)
 
 
-def all_gather(x: Tensor, group) -> Tensor:
-    """Blocking all-gather: [world, *x.shape]."""
-    return all_gather_async(x, group).wait()
-
-
 def all_to_all_heads(x: Tensor, group, *, scatter_heads: bool) -> Tensor:
     """Ulysses re-sharding over ``group`` of size W.
 

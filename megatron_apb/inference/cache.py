@@ -50,6 +50,3 @@ class CPKVCache:
     def tokens(self) -> int:
         """Tokens cached per layer on this rank."""
         return next(iter(self.keys.values())).shape[1] if self.keys else 0
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for d in (self.keys, self.values) for t in d.values())

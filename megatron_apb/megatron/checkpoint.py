@@ -473,7 +473,7 @@ def hf_to_megatron(hf_state_dict: Mapping[str, Tensor], spec: ModelSpec, *, stri
         state, hf_shapes(spec), "the Hugging Face state dict",
         unexpected_ok=("lm_head.weight",) if spec.tie_word_embeddings else (), strict=strict,
     )
-    g, d, h = spec.num_query_groups, spec.kv_channels, spec.hidden_size
+    g, d = spec.num_query_groups, spec.kv_channels
     per_group = spec.num_attention_heads // g * d
 
     def interleave(q, k, v):

@@ -39,11 +39,6 @@ def merge_attention(
     return out.to(outs[0].dtype), lse
 
 
-def merge_attention_stacked(out: torch.Tensor, lse: torch.Tensor):
-    """:func:`merge_attention` over a leading dimension: out [n, b, s, h, d], lse [n, b, h, s]."""
-    return merge_attention(list(out.unbind(0)), list(lse.unbind(0)))
-
-
 def _merge_two(o1, l1, o2, l2):
     """Two-part merge; the same math as :func:`merge_attention`, written for fusion."""
     lse = torch.logaddexp(l1.float(), l2.float())
