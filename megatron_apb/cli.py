@@ -190,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_cmd_info)
     _add_generate(sub)
     _add_convert(sub)
+    from .eval.commands import add_eval_parsers
+
+    add_eval_parsers(sub)
+    from .training.commands import add_training_parsers
+
+    add_training_parsers(sub)
     return parser
 
 

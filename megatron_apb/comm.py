@@ -25,11 +25,20 @@ def group_rank(group) -> int:
     return 0 if group is None else dist.get_rank(group)
 
 
+def collective_device(group, device) -> torch.device:
+    """Where tensors for a collective over ``group`` must live: host memory for a gloo group
+    (several ranks may then share one GPU, e.g. for accuracy runs), else ``device``."""
+    device = torch.device(device)
+    if device.type != "cpu" and group is not None and dist.get_backend(group) == "gloo":
+        return torch.device("cpu")
+    return device
+
+
 class PendingGather:
     """An all-gather in flight; ``wait()`` once to get [world, *shape]."""
 
-    def __init__(self, out: Tensor, work):
-        self._out, self._work, self._done = out, work, False
+    def __init__(self, out: Tensor, work, device=None):
+        self._out, self._work, self._done, self._device = out, work, False, device
 
     def wait(self) -> Tensor:
         if self._done:
@@ -37,6 +46,8 @@ class PendingGather:
         if self._work is not None:
             self._work.wait()
         self._done = True
+        if self._device is not None:  # staged through host memory (gloo group, GPU tensors)
+            return self._out.to(self._device, non_blocking=True)
         return self._out
 
 
@@ -53,9 +64,11 @@ def all_gather_async(x: Tensor, group) -> PendingGather:
         return PendingGather(x.unsqueeze(0), None)
     if SKIP_COMMUNICATION_FOR_BENCHMARK:
         return PendingGather(x.unsqueeze(0).expand((world,) + tuple(x.shape)).contiguous(), None)
-    flat = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    origin, wire = x.device, collective_device(group, x.device)
+    x = x.to(wire)
+    flat = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=wire)
     work = dist.all_gather_into_tensor(flat, x, group=group, async_op=True)
-    return PendingGather(flat.view((world,) + tuple(x.shape)), work)
+    return PendingGather(flat.view((world,) + tuple(x.shape)), work, device=origin if wire != origin else None)
 
 
 def all_to_all_heads(x: Tensor, group, *, scatter_heads: bool) -> Tensor:
@@ -70,12 +83,20 @@ def all_to_all_heads(x: Tensor, group, *, scatter_heads: bool) -> Tensor:
     if scatter_heads:
         b, s, h, d = x.shape
         send = x.reshape(b, s, world, h // world, d).permute(2, 0, 1, 3, 4).contiguous()
-        recv = torch.empty_like(send)  # [W(src rank), b, s, h/W, d]
-        dist.all_to_all_single(recv, send, group=group)
+        recv = _all_to_all(send, group)  # [W(src rank), b, s, h/W, d]
         return recv.permute(1, 0, 2, 3, 4).reshape(b, world * s, h // world, d)
     b, s_full, hl, d = x.shape
     s = s_full // world
     send = x.reshape(b, world, s, hl, d).permute(1, 0, 2, 3, 4).contiguous()
-    recv = torch.empty_like(send)  # [W(src rank = head slice), b, s, h/W, d]
-    dist.all_to_all_single(recv, send, group=group)
+    recv = _all_to_all(send, group)  # [W(src rank = head slice), b, s, h/W, d]
     return recv.permute(1, 2, 0, 3, 4).reshape(b, s, world * hl, d)
+
+
+def _all_to_all(send: Tensor, group) -> Tensor:
+    """``all_to_all_single`` of equal splits along dim 0 (staged through host memory for a
+    gloo group holding GPU tensors)."""
+    wire = collective_device(group, send.device)
+    staged = send.to(wire)
+    recv = torch.empty_like(staged)
+    dist.all_to_all_single(recv, staged, group=group)
+    return recv.to(send.device)

@@ -30,7 +30,8 @@ class APBConfig:
             anchor as long as a block, no passing), ``"exact"`` (all-gather context
             parallelism, exact) or ``"ulysses"`` (all-to-all head parallelism, exact).
         anchor_len: anchor tokens prepended on ranks >= 1.  ``None``: ``anchor_ratio``
-            of the block for ``apb``, a whole block for ``star``.
+            of the block for ``apb`` (more if the query prefix and the query need more, up
+            to a block minus one), a whole block for ``star``.
         passing_len: tokens each rank passes on, per KV head.  ``None``:
             ``passing_ratio`` of the block.  Values >= the block keep every token.
         anchor_ratio, passing_ratio: the defaults' fractions of the block length
@@ -140,6 +141,9 @@ class APBConfig:
             return CPLayout(mode="star", block_len=block_len, anchor_len=anchor)
         if self.anchor_len is None:
             anchor = min(int(block_len * self.anchor_ratio), block_len - 1)
+            if self.query_in_anchor and query_len > 0 and anchor > 0:
+                # a derived anchor grows to hold the query after its prefix (up to a block)
+                anchor = min(max(anchor, self.query_prefix_len + query_len), block_len - 1)
         else:
             anchor = self.anchor_len
         if anchor >= block_len:

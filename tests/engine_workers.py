@@ -13,31 +13,37 @@ def _engine(model, apb_config, pg):
     return APBEngine(model, apb_config, cp_group=pg.cp, tp_group=pg.tp, vocab_size=VOCAB)
 
 
-def generate_vs_recompute(rank, world, tp, cp, n_doc, n_new, modes):
+def generate_vs_recompute(rank, world, tp, cp, n_doc, n_new, modes, device="cpu"):
     """Engine generation in each mode vs greedy decoding by full recomputation on the
-    single-rank model; returns {mode: (tokens, first-step logit error)} and the reference."""
+    single-rank model; returns {mode: (tokens, first-step logit error)} and the reference.
+
+    ``device="cuda"``: rank r uses GPU r mod count (several ranks may share one over gloo)."""
     _setup()
+    if device == "cuda":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     from megatron_apb import APBConfig
     from megatron_apb.inference import SamplingConfig
     from megatron_apb.megatron import rank_grid_groups
 
     pg, ref_pg = rank_grid_groups(tp, cp), rank_grid_groups(1, 1)
     doc, query = _prompt(n_doc, 4, seed=3)
-    ref = _model(APBConfig(mode="exact"), 1, 1, ref_pg)
-    seq, ref_tokens, first_logits = torch.cat([doc, query]), [], None
+    ref = _model(APBConfig(mode="exact"), 1, 1, ref_pg).to(device)
+    seq, ref_tokens, first_logits = torch.cat([doc, query]).to(device), [], None
     with torch.no_grad():
         for _ in range(n_new):
             logits = ref(seq[None], None, None)[0, -1]
             first_logits = logits if first_logits is None else first_logits
             ref_tokens.append(int(logits.argmax()))
-            seq = torch.cat([seq, torch.tensor([ref_tokens[-1]])])
+            seq = torch.cat([seq, torch.tensor([ref_tokens[-1]], device=device)])
     results = {"reference": ref_tokens}
     for name, kwargs in modes:
         apb_config = APBConfig(**kwargs)
-        model = _model(apb_config, tp, cp, pg)
+        model = _model(apb_config, tp, cp, pg).to(device)
         engine = _engine(model, apb_config, pg)
         cache, _, n, _ = engine.prefill(doc, query)
-        logit_err = (engine.step(cache, query, n) - first_logits).abs().max().item()
+        logit_err = (engine.step(cache, query, n) - first_logits.float()).abs().max().item()
         out = engine.generate(doc, query, SamplingConfig(max_new_tokens=n_new))
         results[name] = (out.output_ids, logit_err, cache.tokens())
     return results

@@ -134,9 +134,17 @@ def test_query_placement_in_anchor():
 
 def test_query_that_does_not_fit_raises():
     with pytest.raises(APBConfigError, match="query") as info:
-        APBConfig().layout(1024, cp_size=4, query_len=241)  # 16 + 241 > 256
+        APBConfig(anchor_len=256).layout(1024, cp_size=4, query_len=241)  # 16 + 241 > 256
     msg = str(info.value)
     assert "241" in msg and "257" in msg  # says how long the anchor would have to be
+    with pytest.raises(APBConfigError, match="query"):  # even a grown anchor stays below a block
+        APBConfig().layout(1024, cp_size=4, query_len=1010)
+
+
+def test_derived_anchor_grows_to_hold_the_query():
+    lay = APBConfig().layout(1024, cp_size=4, query_len=241)  # 16 + 241 > block / 4
+    assert (lay.anchor_len, lay.query_start, lay.query_len) == (257, 16, 241)
+    assert APBConfig().layout(1024, cp_size=4, query_len=20).anchor_len == 256  # no growth
 
 
 @pytest.mark.parametrize("mode", ["apb", "star", "exact", "ulysses"])

@@ -85,3 +85,14 @@ def test_distributed_modes_over_nccl():
     cases = EXACT_CASES + APB_CASES
     results = run_distributed(check_modes, world, 1, world, 61, cases, "cuda", backend="nccl")
     _check(results, cases, cp=world)
+
+
+def test_engine_with_ranks_sharing_gpus_over_gloo():
+    """Four ranks on however many GPUs there are, collectives through host memory (the
+    accuracy suite's set-up): exact and lossless APB generation equal full recomputation."""
+    from tests.distributed import run_distributed
+    from tests.engine_workers import generate_vs_recompute
+    from tests.test_engine import EXACT, LOSSLESS, _check
+
+    results = run_distributed(generate_vs_recompute, 4, 1, 4, 37, 8, [EXACT, LOSSLESS], "cuda")
+    _check(results, 37, 4, 8)

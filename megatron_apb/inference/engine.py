@@ -19,7 +19,7 @@ from typing import Callable, List, Optional
 import torch
 import torch.distributed as dist
 
-from ..comm import group_rank, group_size
+from ..comm import collective_device, group_rank, group_size
 from ..config import APBConfig, APBConfigError
 from ..layout import shard_document
 from ..megatron.context import apb_runtime
@@ -117,7 +117,7 @@ class APBEngine:
     def _broadcast_token(self, token: int) -> int:
         if not dist.is_initialized() or dist.get_world_size(self.sample_group) == 1:
             return token
-        t = torch.tensor([token], dtype=torch.long, device=self.device if self.device.type == "cuda" else "cpu")
+        t = torch.tensor([token], dtype=torch.long, device=collective_device(self.sample_group or dist.group.WORLD, self.device))
         dist.broadcast(t, src=self.sample_src, group=self.sample_group)
         return int(t.item())
 

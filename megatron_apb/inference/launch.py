@@ -46,9 +46,14 @@ def quiet_warnings():
         warnings.filterwarnings("ignore", message=f".*{pattern}.*")
 
 
-def init_runtime(tp: int = 1, dtype: Optional[str] = None, timeout_s: int = 900) -> Runtime:
+def init_runtime(tp: int = 1, dtype: Optional[str] = None, timeout_s: int = 900, backend: Optional[str] = None) -> Runtime:
     """Join the process group set up by ``torchrun`` (or a one-process group), make the
-    TP x CP grid (CP = world / TP) and pick device and dtype (bf16 on GPU, fp32 on CPU)."""
+    TP x CP grid (CP = world / TP) and pick device and dtype (bf16 on GPU, fp32 on CPU).
+
+    ``backend``: ``"nccl"`` (default with GPUs: one GPU per rank) or ``"gloo"`` (default on
+    CPU; with GPUs, ranks may outnumber them and share them round-robin, collectives go
+    through host memory: for accuracy runs, not for speed).
+    """
     quiet_warnings()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if tp < 1 or world % tp:
@@ -56,8 +61,17 @@ def init_runtime(tp: int = 1, dtype: Optional[str] = None, timeout_s: int = 900)
             f"--tp {tp} must divide the number of processes ({world}); CP = processes / TP"
         )
     cuda = torch.cuda.is_available()
+    backend = backend or ("nccl" if cuda else "gloo")
+    if backend not in ("nccl", "gloo") or (backend == "nccl" and not cuda):
+        raise APBConfigError(f"--comm-backend {backend!r}: use gloo, or nccl on a machine with GPUs")
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if backend == "nccl" and local_rank >= gpus:
+            raise APBConfigError(
+                f"{world} processes per node but {gpus} GPU(s): NCCL needs one GPU per rank; use "
+                "fewer processes or --comm-backend gloo to share GPUs"
+            )
+        torch.cuda.set_device(local_rank % gpus)
     if not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ:
             os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -65,7 +79,7 @@ def init_runtime(tp: int = 1, dtype: Optional[str] = None, timeout_s: int = 900)
                 s.bind(("127.0.0.1", 0))
                 os.environ["MASTER_PORT"] = str(s.getsockname()[1])
         dist.init_process_group(
-            "nccl" if cuda else "gloo",
+            backend,
             rank=int(os.environ.get("RANK", "0")),
             world_size=world,
             timeout=datetime.timedelta(seconds=timeout_s),

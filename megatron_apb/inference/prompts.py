@@ -22,8 +22,12 @@ class TokenizedPrompt:
     header_len: int
 
 
-def tokenize_prompt(tokenizer, document: str, question: str) -> TokenizedPrompt:
-    """Token ids of the document part and of the query part of a chat-formatted prompt."""
+def tokenize_prompt(tokenizer, document: str, question: str, *, answer_prefix: str = "") -> TokenizedPrompt:
+    """Token ids of the document part and of the query part of a chat-formatted prompt.
+
+    ``answer_prefix``: the start of the assistant's answer, appended to the query (after the
+    template's generation prompt), so the model continues it.
+    """
     if not document.strip():
         raise ValueError("the document is empty; give a non-empty --document-file")
     if not question.strip():
@@ -40,6 +44,8 @@ def tokenize_prompt(tokenizer, document: str, question: str) -> TokenizedPrompt:
         bos = tokenizer.bos_token or ""
         head, tail = bos + document + "\n\n", "Question: " + question + "\nAnswer:"
         header = bos
+    if answer_prefix:
+        tail = tail + (answer_prefix if tail.endswith(("\n", " ")) else " " + answer_prefix)
     encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     return TokenizedPrompt(encode(head), encode(tail), len(encode(header)) if header else 0)
 

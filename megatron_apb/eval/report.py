@@ -1,0 +1,117 @@
+"""Tables from evaluation records: scores per task and method, averages with their spread,
+and how often exact context parallelism reproduces the single-process answers."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from typing import Dict, Iterable, List, Sequence, Tuple
+
+from .tasks import TASKS
+
+_METHOD_ORDER = ("full", "exact", "ulysses", "star", "apb-retaining_head", "apb-query_attention", "apb-random")
+
+
+def load_records(paths: Sequence[str]) -> List[dict]:
+    """Records of every evaluation JSON in ``paths`` (as written by ``megatron-apb eval``)."""
+    records = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if "records" not in data:
+            raise ValueError(f"{path}: not an evaluation result (no 'records')")
+        records.extend(data["records"])
+    if not records:
+        raise ValueError("the evaluation files hold no records")
+    return records
+
+
+def _column(r) -> Tuple[int, str]:
+    return (1 if r["method"] == "full" else r["ranks"], r["method"])
+
+
+def _column_key(col):
+    ranks, method = col
+    order = _METHOD_ORDER.index(method) if method in _METHOD_ORDER else len(_METHOD_ORDER)
+    return (method != "full", ranks, order, method)
+
+
+def _mean_se(values: List[float]) -> Tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def summarize(records: Iterable[dict]) -> Dict:
+    """``{length: {column: {"tasks": {task: (mean, se, n)}, "average": (mean, se)}}}``.
+
+    The average is over tasks (each task weighs the same); its standard error combines the
+    per-task standard errors.
+    """
+    scores = defaultdict(list)
+    for r in records:
+        scores[(r["length"], _column(r), r["task"])].append(r["score"])
+    out: Dict = defaultdict(dict)
+    for (length, col, task), vals in scores.items():
+        out[length].setdefault(col, {"tasks": {}})["tasks"][task] = (*_mean_se(vals), len(vals))
+    for length, cols in out.items():
+        for col, d in cols.items():
+            stats = list(d["tasks"].values())
+            mean = sum(m for m, _, _ in stats) / len(stats)
+            se = math.sqrt(sum((s if s == s else 0.0) ** 2 for _, s, _ in stats)) / len(stats)
+            d["average"] = (mean, se)
+    return out
+
+
+def exact_agreement(records: Iterable[dict]) -> Dict[Tuple[int, int, str], Tuple[int, int, int]]:
+    """For each (length, ranks, exact method): (samples compared, identical output tokens,
+    identical score) against the ``full`` run of the same sample."""
+    records = list(records)
+    full = {(r["length"], r["task"], r["index"]): r for r in records if r["method"] == "full"}
+    out: Dict = defaultdict(lambda: [0, 0, 0])
+    for r in records:
+        if r["method"] in ("exact", "ulysses") and (r["length"], r["task"], r["index"]) in full:
+            ref = full[(r["length"], r["task"], r["index"])]
+            c = out[(r["length"], r["ranks"], r["method"])]
+            c[0] += 1
+            c[1] += r["output_ids"] == ref["output_ids"]
+            c[2] += r["score"] == ref["score"]
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def markdown_report(records: Sequence[dict]) -> str:
+    """Markdown: one table per length (tasks x methods), then exact-vs-full agreement."""
+    records = list(records)
+    summary = summarize(records)
+    lines = []
+    for length in sorted(summary):
+        cols = sorted(summary[length], key=_column_key)
+        header = [f"{m}" if m == "full" else f"{m} ×{r}" for r, m in cols]
+        tasks = [t for t in TASKS if any(t in summary[length][c]["tasks"] for c in cols)]
+        counts = sorted({summary[length][c]["tasks"][t][2] for c in cols for t in tasks if t in summary[length][c]["tasks"]})
+        lines.append(f"### {length} tokens (samples per task: {', '.join(map(str, counts))})\n")
+        lines.append("| task | " + " | ".join(header) + " |")
+        lines.append("| --- |" + " ---: |" * len(cols))
+        for t in tasks:
+            cells = []
+            for c in cols:
+                stat = summary[length][c]["tasks"].get(t)
+                cells.append("" if stat is None else f"{stat[0]:.1f}")
+            lines.append(f"| {t} | " + " | ".join(cells) + " |")
+        avg = [summary[length][c]["average"] for c in cols]
+        lines.append("| **average** (± s.e.) | " + " | ".join(f"**{m:.1f}** ± {s:.1f}" for m, s in avg) + " |")
+        lines.append("")
+    agree = exact_agreement(records)
+    if agree:
+        lines.append("Exact context parallelism against the single-process run (same samples):\n")
+        lines.append("| length | ranks | method | samples | same tokens | same score |")
+        lines.append("| ---: | ---: | --- | ---: | ---: | ---: |")
+        for (length, ranks, method), (n, same_ids, same_score) in sorted(agree.items()):
+            lines.append(f"| {length} | {ranks} | {method} | {n} | {same_ids} ({100 * same_ids / n:.1f}%) "
+                         f"| {same_score} ({100 * same_score / n:.1f}%) |")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,102 @@
+"""Run task samples through the generation engine in several attention methods.
+
+A *method* is a name and an :class:`~megatron_apb.config.APBConfig`: ``exact``, ``star``,
+``apb-<compressor>`` (and ``ulysses``) across the CP ranks of the run; on one process every
+mode computes full causal attention, so a one-process run is the ``full`` reference.  Every
+method runs on the same model, weights and prompts; each record holds the prediction, its
+RULER score and timings.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, List, Optional, Sequence
+
+from ..config import COMPRESSORS, APBConfig
+from ..inference.prompts import tokenize_prompt
+from ..inference.sampling import SamplingConfig
+from .tasks import TaskSample, score_answer
+
+
+@dataclass(frozen=True)
+class EvalMethod:
+    """A named attention configuration to evaluate."""
+
+    name: str
+    config: APBConfig
+
+
+def eval_methods(base: APBConfig, modes: Sequence[str], compressors: Sequence[str], cp_size: int) -> List[EvalMethod]:
+    """The methods to run: ``full`` alone on one rank, otherwise each mode (``apb`` once per
+    compressor).  ``base`` carries the lengths, backend and seed shared by all of them."""
+    if cp_size == 1:
+        return [EvalMethod("full", base.replace(mode="exact", anchor_len=None, passing_len=None))]
+    methods = []
+    for mode in modes:
+        if mode == "apb":
+            if not compressors:
+                raise ValueError("mode apb needs at least one compressor")
+            for c in compressors:
+                if c not in COMPRESSORS:
+                    raise ValueError(f"unknown compressor {c!r}; choose from {', '.join(COMPRESSORS)}")
+                methods.append(EvalMethod(f"apb-{c}", base.replace(mode="apb", compressor=c)))
+        elif mode in ("exact", "ulysses", "star"):
+            methods.append(EvalMethod(mode, base.replace(mode=mode, anchor_len=None, passing_len=None)))
+        else:
+            raise ValueError(f"unknown mode {mode!r}; choose from exact, ulysses, star, apb")
+    return methods
+
+
+def evaluate(
+    engine,
+    tokenizer,
+    samples: Iterable[TaskSample],
+    methods: Sequence[EvalMethod],
+    *,
+    header_len_as_prefix: bool = True,
+    progress: Optional[Callable[[str], None]] = None,
+    on_sample: Optional[Callable[[List[dict]], None]] = None,
+) -> List[dict]:
+    """Greedy answers of every sample under every method; one record per (sample, method).
+
+    ``engine``: an :class:`~megatron_apb.inference.APBEngine` over the run's CP group; its
+    config is swapped per method.  ``header_len_as_prefix``: embed the query in the anchor
+    right after the chat header (APB's placement), unless the method sets its own prefix.
+    ``on_sample``: called with all records so far after each sample (e.g. to save them, so
+    an interrupted run keeps what it finished).
+    """
+    samples = list(samples)
+    stops = [t for t in (tokenizer.eos_token_id,) if t is not None]
+    records = []
+    start = time.perf_counter()
+    for i, sample in enumerate(samples):
+        prompt = tokenize_prompt(tokenizer, sample.document, sample.question, answer_prefix=sample.answer_prefix)
+        sampling = SamplingConfig(temperature=0.0, max_new_tokens=sample.max_new_tokens, stop_ids=stops)
+        for method in methods:
+            config = method.config
+            if header_len_as_prefix:
+                config = config.replace(query_prefix_len=prompt.header_len)
+            engine.config = config
+            result = engine.generate(prompt.document_ids, prompt.query_ids, sampling)
+            prediction = tokenizer.decode(result.output_ids, skip_special_tokens=True).strip()
+            records.append(dict(
+                task=sample.task, length=sample.length, index=sample.index, method=method.name,
+                ranks=engine.cp_size, mode=config.mode,
+                compressor=config.compressor if config.mode == "apb" else None,
+                prediction=prediction, answers=list(sample.answers),
+                score=100.0 * score_answer(prediction, sample.answers),
+                output_ids=result.output_ids,
+                prompt_tokens=len(prompt.document_ids) + len(prompt.query_ids),
+                anchor_len=result.layout.get("anchor_len"), passing_len=result.layout.get("passing_len"),
+                prefill_s=result.prefill_s, time_to_first_token_s=result.time_to_first_token_s,
+            ))
+        if on_sample is not None:
+            on_sample(records)
+        if progress is not None:
+            done = i + 1
+            eta = (time.perf_counter() - start) / done * (len(samples) - done)
+            last = records[-len(methods):]
+            scores = " ".join(f"{r['method']}={r['score']:.0f}" for r in last)
+            progress(f"[{done}/{len(samples)}] {sample.task} L={sample.length} #{sample.index}: {scores} (eta {eta:.0f} s)")
+    return records
