@@ -23,7 +23,8 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-timeout"],
         "hf": ["transformers>=4.45", "gguf", "accelerate", "sentencepiece", "tokenizers"],
-        "deepspeed": ["deepspeed>=0.19,<0.20"],  # tested: 0.19.8 (CPU, gloo)
+        "deepspeed": ["deepspeed>=0.19,<0.20"],
+        "eval": ["wonderwords>=2.2", "nupunkt>=0.5"],  # task material (essays: `model`)  # tested: 0.19.8 (CPU, gloo)
     },
     entry_points={"console_scripts": ["megatron-apb=megatron_apb.cli:main"]},
     classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering :: Artificial Intelligence"],
