@@ -1,4 +1,5 @@
-"""Retaining-head checkpoints in the reference layout (safetensors, per layer ``fc1``/``fc2``).
+"""Retaining-head checkpoints in the reference layout (safetensors, per layer ``fc1``/``fc2``):
+reading, writing, converting to and from Megatron names, and (un)sharding for TP.
 
 Accepted key names: any key containing ``layers.<i>.`` and ending in ``fc1.weight`` or
 ``fc2.weight`` (e.g. ``model.layers.3.self_attn.fc1.weight`` or ``layers.3.fc1.weight``).
@@ -23,16 +24,21 @@ def read_retaining_heads(path: str) -> Dict[int, Tuple[torch.Tensor, torch.Tenso
         raise FileNotFoundError(f"retaining-head checkpoint {path!r} does not exist")
     from safetensors.torch import load_file
 
+    return heads_from_state_dict(load_file(path), where=path)
+
+
+def heads_from_state_dict(tensors, where: str = "the state dict") -> Dict[int, Tuple[torch.Tensor, torch.Tensor]]:
+    """``{layer index: (fc1, fc2)}`` from the accepted key names of ``tensors`` (others ignored)."""
     found: Dict[int, Dict[str, torch.Tensor]] = {}
-    for key, tensor in load_file(path).items():
+    for key, tensor in tensors.items():
         m = _KEY.search(key)
         if m:
             found.setdefault(int(m.group(1)), {})[m.group(2)] = tensor
     if not found:
-        raise ValueError(f"{path}: no 'layers.<i>.…fc1.weight' / 'fc2.weight' keys found")
+        raise ValueError(f"{where}: no 'layers.<i>.…fc1.weight' / 'fc2.weight' keys found")
     incomplete = sorted(i for i, d in found.items() if set(d) != {"fc1", "fc2"})
     if incomplete:
-        raise ValueError(f"{path}: layers {incomplete} lack fc1 or fc2")
+        raise ValueError(f"{where}: layers {incomplete} lack fc1 or fc2")
     return {i: (d["fc1"], d["fc2"]) for i, d in sorted(found.items())}
 
 
@@ -53,3 +59,124 @@ def heads_to_megatron(heads, *, num_layers, num_heads, num_kv_heads, head_dim):
         prefix = f"decoder.layers.{i}.self_attention.core_attention.retaining_head."
         out[prefix + "fc1.weight"], out[prefix + "fc2.weight"] = fc1, fc2
     return out
+
+
+# ------------------------------------------------------------------- writing, converting
+REFERENCE_KEY = "model.layers.{}.self_attn.{}.weight"
+MEGATRON_KEY = "decoder.layers.{}.self_attention.core_attention.retaining_head.{}.weight"
+LAYOUTS = {"reference": REFERENCE_KEY, "megatron": MEGATRON_KEY}
+
+
+def heads_state_dict(heads, layout: str = "reference") -> Dict[str, torch.Tensor]:
+    """``{layer: (fc1, fc2)}`` as a flat state dict under the names of ``layout``.
+
+    ``layout``: ``"reference"`` (``model.layers.<i>.self_attn.fc1.weight``, what
+    :func:`read_retaining_heads` and the reference implementation read) or ``"megatron"``
+    (``decoder.layers.<i>.self_attention.core_attention.retaining_head.fc1.weight``, the
+    names inside a GPTModel built with the retaining-head compressor).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
+    key = LAYOUTS[layout]
+    out = {}
+    for i, (fc1, fc2) in sorted(heads.items()):
+        if fc1.dim() != 2 or fc2.dim() != 2 or fc2.shape[1] != fc1.shape[0]:
+            raise ValueError(
+                f"layer {i}: fc1 {tuple(fc1.shape)} / fc2 {tuple(fc2.shape)} are not a retaining "
+                "head (fc1 [hidden, inputs], fc2 [kv_heads, hidden])"
+            )
+        out[key.format(i, "fc1")] = fc1
+        out[key.format(i, "fc2")] = fc2
+    return out
+
+
+def save_retaining_heads(path: str, heads, *, layout: str = "reference", dtype=None) -> str:
+    """Write full (unsharded) heads ``{layer: (fc1, fc2)}`` as safetensors; returns ``path``.
+
+    The default layout is the reference one; :func:`read_retaining_heads` reads either
+    layout back bit-exactly (``dtype``, if given, casts first).
+    """
+    from safetensors.torch import save_file
+
+    tensors = {
+        k: (v.detach().to("cpu", dtype) if dtype is not None else v.detach().cpu()).contiguous().clone()
+        for k, v in heads_state_dict(heads, layout).items()
+    }
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    save_file(tensors, path, metadata={"format": "pt", "layout": layout})
+    return path
+
+
+def megatron_to_heads(state) -> Dict[int, Tuple[torch.Tensor, torch.Tensor]]:
+    """``{layer: (fc1, fc2)}`` from a Megatron state dict (full, TP = 1); other keys ignored."""
+    pattern = re.compile(r"^decoder\.layers\.\d+\.self_attention\.core_attention\.retaining_head\.fc[12]\.weight$")
+    return heads_from_state_dict({k: v for k, v in state.items() if pattern.match(k)}, where="the Megatron state dict")
+
+
+def convert_retaining_heads(src: str, dst: str, *, to: str = "reference") -> Dict[str, int]:
+    """Rewrite the retaining heads of safetensors file ``src`` into ``dst`` under the names
+    of layout ``to`` (``"reference"`` or ``"megatron"``); the tensors are copied unchanged.
+
+    Reads any name :func:`read_retaining_heads` accepts (so a Megatron-named file, or a
+    whole converted checkpoint's ``model.safetensors``, works as ``src``).  Returns
+    ``{"layers": n, "hidden": width}``.
+    """
+    heads = read_retaining_heads(src)
+    save_retaining_heads(dst, heads, layout=to)
+    return {"layers": len(heads), "hidden": int(next(iter(heads.values()))[0].shape[0])}
+
+
+def check_heads_fit(heads, *, num_layers, num_heads, num_kv_heads, head_dim, hidden=None):
+    """Raise ``ValueError`` naming the layer when full heads do not fit the model (or,
+    if given, a retaining-head width ``hidden``)."""
+    heads_to_megatron(heads, num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
+    extra = sorted(set(heads) - set(range(num_layers)))
+    if extra:
+        raise ValueError(f"the retaining-head checkpoint has layers {extra}, the model only {num_layers}")
+    if hidden is not None:
+        widths = sorted({int(fc1.shape[0]) for fc1, _ in heads.values()})
+        if widths != [hidden]:
+            raise ValueError(
+                f"the retaining heads are {widths[0] if len(widths) == 1 else widths} wide but "
+                f"{hidden} was asked for; pass --hidden {widths[0]} (or start from fresh heads)"
+            )
+
+
+def unshard_retaining_head(fc1_shards, fc2_shards, *, num_heads, num_kv_heads, head_dim):
+    """Full (fc1, fc2) from the TP shards of every rank, in rank order: the inverse of
+    :func:`megatron_apb.compress.shard_retaining_head` (``num_heads``/``num_kv_heads``:
+    whole-model counts)."""
+    tp = len(fc1_shards)
+    hq, hk = num_heads // tp * head_dim, num_kv_heads // tp * head_dim
+    q = torch.cat([s[:, :hq] for s in fc1_shards], dim=1)
+    k = torch.cat([s[:, hq : hq + hk] for s in fc1_shards], dim=1)
+    v = torch.cat([s[:, hq + hk :] for s in fc1_shards], dim=1)
+    return torch.cat([q, k, v], dim=1), torch.cat(list(fc2_shards), dim=0)
+
+
+def load_into_retaining_heads(modules, heads, *, num_heads, num_kv_heads, tp_rank=0, tp_size=1):
+    """Copy full heads ``{layer: (fc1, fc2)}`` into ``modules`` (one
+    :class:`~megatron_apb.compress.RetainingHead` per layer, in layer order) as this TP
+    rank's shards.  ``num_heads``/``num_kv_heads`` count the whole model.  Raises
+    ``ValueError`` naming the layer when a head does not fit (missing layer, other width,
+    other head counts)."""
+    from .compress import shard_retaining_head
+
+    modules = list(modules)
+    if not modules:
+        raise ValueError("no retaining-head modules to load into")
+    head_dim, hidden = modules[0].head_dim, modules[0].fc1.out_features
+    check_heads_fit(
+        heads, num_layers=len(modules), num_heads=num_heads, num_kv_heads=num_kv_heads,
+        head_dim=head_dim, hidden=hidden,
+    )
+    with torch.no_grad():
+        for i, module in enumerate(modules):
+            fc1, fc2 = shard_retaining_head(
+                *heads[i], num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                tp_rank=tp_rank, tp_size=tp_size,
+            )
+            module.fc1.weight.copy_(fc1)
+            module.fc2.weight.copy_(fc2)
+    return modules
