@@ -206,3 +206,21 @@ def test_megatron_lm_hooks_build_and_serve_cp2():
         assert (r["mode"], r["anchor"]) == ("apb", 10)
         assert r["got"] == r["want"] and len(r["got"]) == 6, r
         assert r["text"] == " ".join(map(str, r["want"]))
+
+
+@needs_hf
+def test_train_heads_cpu(tiny_env, tmp_path):
+    from megatron_apb.heads import read_retaining_heads
+
+    out = tmp_path / "heads"
+    proc = _bash("train_heads.sh", "--cpu", env={**tiny_env, "OUTPUT": str(out)})
+    _ok(proc)
+    log = json.loads((out / "train_log.json").read_text())
+    assert (log["tp"], log["cp"]) == (1, 2) and log["train_samples"] == 4 and log["held_out_samples"] == 2
+    assert [r["step"] for r in log["train"]] == [1, 2, 3, 4] and [e["step"] for e in log["eval"]] == [0, 2, 4]
+    overlap = log["held_out_overlap"]
+    assert overlap["untrained"] == log["eval"][0]["overlap"] and overlap["trained"] == log["eval"][-1]["overlap"]
+    assert all(0.0 <= overlap[k] <= 1.0 for k in ("trained", "untrained", "random"))
+    heads = read_retaining_heads(str(out / "heads.safetensors"))  # reference layout, full tensors
+    assert sorted(heads) == [0, 1] and heads[0][0].shape == (32, (8 + 2 * 2) * 8) and heads[0][1].shape == (2, 32)
+    assert "TP=1 x CP=2" in proc.stdout and "held-out top-10% overlap" in proc.stdout
