@@ -1,4 +1,4 @@
-"""The launch scripts in examples/ in their CPU form, and the Megatron-LM hooks in patches/.
+"""The launch scripts in examples/ in their CPU form (the Megatron-LM hooks: test_megatron_lm.py).
 
 Each script runs as a user runs it (bash, torchrun, gloo CPU processes) on a tiny random
 Llama written by examples/make_tiny_llama.py.  Its answers are noise, so the checks are on
@@ -12,13 +12,11 @@ import importlib.util
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
-HOOKS_DIR = os.path.join(ROOT, "patches", "megatron_lm")
 needs_hf = pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")
 
@@ -99,113 +97,6 @@ def test_deepspeed_config_example_is_valid():
 
     section, rest = split_config(os.path.join(EXAMPLES, "deepspeed", "ds_config_apb.json"))
     assert section.cp_size == 2 and rest["tensor_parallel"] == {"tp_size": 2}
-
-
-# ------------------------------------------------------------- Megatron-LM hooks (patches/)
-@pytest.fixture
-def hooks(monkeypatch):
-    monkeypatch.syspath_prepend(HOOKS_DIR)
-    for name in ("APB_MODE", "APB_ANCHOR_LEN", "APB_PASSING_LEN", "APB_COMPRESSOR", "APB_HEADS"):
-        monkeypatch.delenv(name, raising=False)
-    import apb_megatron_lm
-
-    return apb_megatron_lm
-
-
-def test_apb_args_and_environment(hooks, monkeypatch):
-    import argparse
-
-    parser = hooks.add_apb_args(argparse.ArgumentParser())
-    args = parser.parse_args(["--apb-mode", "star", "--apb-anchor-len", "128"])
-    assert hooks.apb_config_from_args(args, environ={}).mode == "star"
-    assert hooks.apb_config_from_args(args, environ={}).anchor_len == 128
-    # flags over environment over defaults
-    cfg = hooks.apb_config_from_args(parser.parse_args(["--apb-anchor-len", "128"]),
-                                     environ={"APB_MODE": "star", "APB_ANCHOR_LEN": "256"})
-    assert (cfg.mode, cfg.anchor_len) == ("star", 128)
-    env = {"APB_MODE": "apb", "APB_PASSING_LEN": "64", "APB_ANCHOR_LEN": "256"}
-    cfg = hooks.apb_config_from_env(env)
-    assert (cfg.mode, cfg.anchor_len, cfg.passing_len, cfg.compressor) == ("apb", 256, 64, "query_attention")
-    with pytest.raises(Exception, match="APB_ANCHOR_LEN='x'"):
-        hooks.apb_config_from_env({"APB_ANCHOR_LEN": "x"})
-    with pytest.raises(Exception, match="mode must be one of"):
-        hooks.apb_config_from_env({"APB_MODE": "ring"})
-    args = parser.parse_args(["--apb-heads", "h.safetensors"])
-    assert hooks.apb_config_from_args(args, environ={}).compressor == "retaining_head"
-
-
-def test_spec_hook_is_what_megatron_lm_imports(hooks):
-    from megatron.core.transformer.spec_utils import ModuleSpec, import_module
-
-    from megatron_apb.megatron import APBSelfAttention
-
-    spec = import_module(("apb_megatron_lm", "gpt_layer_apb_spec"))  # what --spec does
-    assert isinstance(spec, ModuleSpec)
-    attention = spec.submodules.self_attention
-    assert attention.module is APBSelfAttention
-    assert attention.submodules.core_attention is hooks.MegatronLMAPBCoreAttention
-
-
-def megatron_lm_hooks_worker(rank, world, n_new):
-    """Build a GPTModel the way Megatron-LM's gpt_builder does with --spec (settings from
-    APB_* env), prepare it as the patch does, and answer a prompt through the server engine;
-    compare with our engine on a model built with the same settings directly."""
-    os.environ.update(APB_MODE="apb", APB_ANCHOR_LEN="10", APB_PASSING_LEN="4", APB_QUERY_PREFIX_LEN="2")
-    sys.path.insert(0, HOOKS_DIR)
-    from tests.megatron_workers import VOCAB, _model, _prompt, _setup
-
-    _setup()
-    import torch
-    from megatron.core.inference.sampling_params import SamplingParams
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.transformer.spec_utils import import_module
-
-    from megatron_apb import APBConfig
-    from megatron_apb.inference import APBEngine, SamplingConfig
-    from megatron_apb.megatron import rank_grid_groups, tiny_transformer_config
-
-    import apb_megatron_lm
-
-    pg = rank_grid_groups(1, 2)
-    spec = import_module(("apb_megatron_lm", "gpt_layer_apb_spec"))
-    lm_model = GPTModel(tiny_transformer_config(context_parallel_size=2), spec, vocab_size=VOCAB,
-                        max_sequence_length=1024, pg_collection=pg, parallel_output=False,
-                        position_embedding_type="rope").eval()
-    apb_megatron_lm.prepare_megatron_lm_model(lm_model)
-    config = APBConfig(mode="apb", anchor_len=10, passing_len=4, query_prefix_len=2)
-    ref = _model(config, 1, 2, pg)
-    lm_model.load_state_dict(ref.state_dict(), strict=False)
-
-    class Tokenizer:  # Megatron tokenizer interface used by the server: tokenize/detokenize
-        eod = None
-
-        def tokenize(self, text):
-            return [int(t) for t in text.split()]
-
-        def detokenize(self, ids):
-            return " ".join(map(str, ids))
-
-    doc, query = _prompt(40, 4, seed=8)
-    server = apb_megatron_lm.APBServerEngine(lm_model, Tokenizer(), lm_model.decoder.layers[0]
-                                             .self_attention.core_attention.apb_config,
-                                             cp_group=pg.cp, tp_group=pg.tp, vocab_size=VOCAB, query_tokens=4)
-    prompt = " ".join(map(str, torch.cat([doc, query]).tolist()))
-    (req,) = server.generate(prompts=[prompt], sampling_params=SamplingParams(num_tokens_to_generate=n_new, top_k=1))
-    want = APBEngine(ref, config, cp_group=pg.cp, tp_group=pg.tp, vocab_size=VOCAB).generate(
-        doc, query, SamplingConfig(max_new_tokens=n_new)).output_ids
-    core = lm_model.decoder.layers[0].self_attention.core_attention
-    return dict(got=req.generated_tokens.tolist(), text=req.generated_text, want=want,
-                mode=core.apb_config.mode, anchor=core.apb_config.anchor_len)
-
-
-def test_megatron_lm_hooks_build_and_serve_cp2():
-    from tests.distributed import run_distributed
-
-    results = run_distributed(megatron_lm_hooks_worker, 2, 6, timeout=300)
-    for r in results:
-        assert (r["mode"], r["anchor"]) == ("apb", 10)
-        assert r["got"] == r["want"] and len(r["got"]) == 6, r
-        assert r["text"] == " ".join(map(str, r["want"]))
 
 
 @needs_hf
