@@ -17,6 +17,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 BACKENDS = ["cudnn", "flash", "efficient", "sdpa", "flex", "math", "auto"]
 SHAPES = [  # (batch, q_len, k_len, heads, kv_heads, head_dim)
+    (1, 1, 5000, 32, 8, 128),  # decoding ("auto": grouped small-query matmuls)
+    (1, 40, 5040, 32, 8, 128),  # the query step on the owner
     (1, 1000, 1000, 8, 2, 128),
     (2, 333, 777, 4, 4, 64),
     (1, 512, 2048, 32, 8, 128),

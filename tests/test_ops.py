@@ -500,3 +500,19 @@ def test_backend_errors():
     # auto falls back to math for float64 and keeps the dtype
     out, lse = attention_with_lse(q.double(), q.double(), q.double(), causal=True)
     assert out.dtype == torch.float64 and lse.dtype == torch.float32
+
+
+@pytest.mark.parametrize("b,sq,sk,h,hk,d", [(1, 1, 300, 8, 2, 16), (2, 5, 37, 6, 3, 8), (1, 9, 4, 4, 2, 8), (1, 64, 64, 4, 4, 32)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_grouped_small_query_attention_matches_reference(b, sq, sk, h, hk, d, causal):
+    """The decoding path (matmuls per KV-head group, no expansion) against float64."""
+    from megatron_apb.ops.attention import grouped_small_query_attention
+
+    g = torch.Generator().manual_seed(sq * sk)
+    q, k, v = (torch.randn(b, n, heads, d, generator=g) for n, heads in ((sq, h), (sk, hk), (sk, hk)))
+    out, lse = grouped_small_query_attention(q, k, v, causal=causal)
+    ref, ref_lse = reference_attention(q.double(), k.double(), v.double(), causal_mask(sq, sk) if causal else None)
+    assert (out.double() - ref).abs().max().item() <= 1e-5  # fp32 arithmetic, as the other backends
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    assert (lse.double() - ref_lse)[finite].abs().max().item() <= 1e-5

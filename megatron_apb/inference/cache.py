@@ -16,37 +16,63 @@ Tensor = torch.Tensor
 
 
 class CPKVCache:
-    """K/V per layer for this rank: ``keys[layer]`` [batch, tokens, kv_heads, head_dim].
+    """K/V per layer for this rank: ``get(layer)`` gives [batch, tokens, kv_heads, head_dim].
+
+    Phase-2 tokens are written in place into storage that grows geometrically, so a decoding
+    step copies only the new token's K/V (not the whole cache); ``get`` returns views.
 
     Args:
         valid_len: document tokens of this rank's block that are real (not padding).
         owner: whether this rank appends the K/V of phase-2 tokens.
+        reserve: phase-2 tokens the owner makes room for at the prefill (the storage grows
+            beyond it when needed).
     """
 
-    def __init__(self, valid_len: int, owner: bool):
+    def __init__(self, valid_len: int, owner: bool, reserve: int = 256):
         if valid_len < 0:
             raise ValueError(f"valid_len must be >= 0, got {valid_len}")
-        self.valid_len, self.owner = valid_len, owner
-        self.keys: Dict[int, Tensor] = {}
-        self.values: Dict[int, Tensor] = {}
+        if reserve < 0:
+            raise ValueError(f"reserve must be >= 0, got {reserve}")
+        self.valid_len, self.owner, self.reserve = valid_len, owner, reserve
+        self._keys: Dict[int, Tensor] = {}
+        self._values: Dict[int, Tensor] = {}
+        self._length: Dict[int, int] = {}
 
     def store_prefill(self, layer: int, k: Tensor, v: Tensor):
         """Keep the block rows of a prefill (padding dropped)."""
-        self.keys[layer] = k[:, : self.valid_len].contiguous()
-        self.values[layer] = v[:, : self.valid_len].contiguous()
+        n = min(self.valid_len, k.shape[1])
+        room = n + (self.reserve if self.owner else 0)
+        for store, x in ((self._keys, k), (self._values, v)):
+            buf = x.new_empty((x.shape[0], room) + tuple(x.shape[2:]))
+            buf[:, :n] = x[:, :n]
+            store[layer] = buf
+        self._length[layer] = n
 
     def append(self, layer: int, k: Tensor, v: Tensor):
         """Append phase-2 tokens (owner only)."""
         if not self.owner:
             raise RuntimeError("only the owner rank appends phase-2 tokens to its cache")
-        self.keys[layer] = torch.cat([self.keys[layer], k], dim=1)
-        self.values[layer] = torch.cat([self.values[layer], v], dim=1)
+        if layer not in self._keys:
+            raise KeyError(f"no cached K/V for layer {layer}: run the prefill first")
+        n, m = self._length[layer], k.shape[1]
+        if n + m > self._keys[layer].shape[1]:  # grow by half (amortized O(1) per token)
+            room = max(n + m, n + n // 2, n + self.reserve)
+            for store in (self._keys, self._values):
+                old = store[layer]
+                buf = old.new_empty((old.shape[0], room) + tuple(old.shape[2:]))
+                buf[:, :n] = old[:, :n]
+                store[layer] = buf
+        self._keys[layer][:, n : n + m] = k
+        self._values[layer][:, n : n + m] = v
+        self._length[layer] = n + m
 
     def get(self, layer: int) -> Tuple[Tensor, Tensor]:
-        if layer not in self.keys:
+        """Views of the cached K and V of ``layer``."""
+        if layer not in self._keys:
             raise KeyError(f"no cached K/V for layer {layer}: run the prefill first")
-        return self.keys[layer], self.values[layer]
+        n = self._length[layer]
+        return self._keys[layer][:, :n], self._values[layer][:, :n]
 
     def tokens(self) -> int:
         """Tokens cached per layer on this rank."""
-        return next(iter(self.keys.values())).shape[1] if self.keys else 0
+        return next(iter(self._length.values())) if self._length else 0

@@ -21,7 +21,8 @@ Backends: ``reference`` (dense float64), ``math`` (chunked float32 matmuls, any 
 through the aten ops that return the LSE: ``cudnn``, ``flash`` and ``efficient`` on CUDA,
 ``sdpa`` for whichever of them fits (on CPU: the CPU flash kernel).  ``auto`` picks the
 fastest that supports the dtype and head size (cuDNN on Hopper, see the benchmarks) and
-falls back to ``math``.  flash-attn and Transformer Engine are not required.
+falls back to ``math``; for a few query rows on GPU (decoding) it uses
+:func:`grouped_small_query_attention`.  flash-attn and Transformer Engine are not required.
 """
 
 from __future__ import annotations
@@ -55,9 +56,11 @@ def attention_with_lse(
     b, sq, h, d = q.shape
     sk = k.shape[1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
-    backend = resolve_backend(backend, q)
+    requested, backend = backend, resolve_backend(backend, q)
     if sq == 0 or sk == 0:
         return _empty(q, sq)
+    if requested == "auto" and q.is_cuda and _small_query_fits(q, k):
+        return grouped_small_query_attention(q, k, v, causal=causal, softmax_scale=scale)
     if backend == "reference":
         mask = causal_mask(sq, sk, device=q.device) if causal else None
         return reference_attention(q, k, v, mask, scale)
@@ -161,6 +164,48 @@ def _math_attention(q, k, v, causal, scale):
         lses.append(lse)
     out = torch.cat(outs, dim=2).transpose(1, 2).to(q.dtype)
     return out, torch.cat(lses, dim=2)
+
+
+# Decoding: a few query rows against a long cache.  Fused kernels parallelize over query
+# blocks and heads only (a handful of thread blocks walking the whole cache) and need the
+# KV heads expanded to the query heads; two batched matmuls per KV head group read the
+# cache once, with no copy.
+_SMALL_QUERY_ROWS = 64
+_SMALL_QUERY_SCORES = 1 << 28  # fp32 score elements (1 GiB)
+
+
+def _small_query_fits(q, k) -> bool:
+    b, sq, h, _ = q.shape
+    return sq <= _SMALL_QUERY_ROWS and b * h * sq * k.shape[1] <= _SMALL_QUERY_SCORES
+
+
+def grouped_small_query_attention(q, k, v, *, causal: bool, softmax_scale: Optional[float] = None):
+    """Attention for few query rows (decoding) by matmuls over KV-head groups.
+
+    The same contract as :func:`attention_with_lse` (bottom-right causal, GQA, LSE); the
+    ``heads // kv_heads`` query heads of a group share one matmul against their KV head, so
+    K and V are read once and never expanded.  Scores are computed in the input dtype with
+    float32 accumulation, softmax and LSE in float32.
+    """
+    check_shapes(q, k, v)
+    b, sq, h, d = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    g = h // hk
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    if sq == 0 or sk == 0:
+        return _empty(q, sq)
+    # rows of a group: (query head within the group, query position)
+    qg = q.reshape(b, sq, hk, g, d).permute(0, 2, 3, 1, 4).reshape(b, hk, g * sq, d)
+    s = torch.matmul(qg, k.permute(0, 2, 3, 1)).float().mul_(scale)  # [b, hk, g*sq, sk]
+    if causal:
+        rows = torch.arange(sq, device=q.device).repeat(g)[:, None]
+        cols = torch.arange(sk, device=q.device)[None, :]
+        s.masked_fill_(cols > rows + (sk - sq), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # [b, hk, g*sq]
+    p = torch.exp(s.sub_(torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None]))
+    out = torch.matmul(p.to(v.dtype), v.transpose(1, 2))  # [b, hk, g*sq, d]
+    out = out.reshape(b, hk, g, sq, d).permute(0, 3, 1, 2, 4).reshape(b, sq, h, d)
+    return out.to(q.dtype), lse.reshape(b, h, sq)
 
 
 def _bottom_right_by_parts(q, k, v, scale, backend):
