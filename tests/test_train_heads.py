@@ -100,6 +100,7 @@ def test_training_lowers_held_out_loss_and_raises_top10_overlap(suite):
     assert end["overlap"] > training["random"]["overlap"] + 0.1
     losses = training["train_losses"]
     assert sum(losses[-10:]) < 0.9 * sum(losses[:10])
+    assert training["backbone_frozen"] and training["backbone_unchanged"] and training["heads_trainable"]
 
 
 def test_resume_repeats_the_uninterrupted_run_exactly(suite):
@@ -275,3 +276,19 @@ def test_cli_rejects_bad_input_with_exit_2_before_loading_a_model(tmp_path, caps
         assert main(["train-heads", "--output", out, *extra]) == 2, extra
         assert message in capsys.readouterr().err, extra
     assert not os.path.exists(out)
+
+
+def test_convert_heads_command(tmp_path, capsys):
+    from megatron_apb.cli import main
+    from megatron_apb.heads import read_retaining_heads, save_retaining_heads
+
+    full = {i: (torch.randn(4, 12), torch.randn(2, 4)) for i in range(2)}
+    src, meg, ref = (str(tmp_path / n) for n in ("src.safetensors", "meg.safetensors", "ref.safetensors"))
+    save_retaining_heads(src, full)
+    assert main(["convert-heads", src, "--output", meg, "--to", "megatron"]) == 0
+    assert "2 layers, 4 wide, megatron names" in capsys.readouterr().out
+    assert main(["convert-heads", meg, "--output", ref]) == 0
+    back = read_retaining_heads(ref)
+    assert all(torch.equal(back[i][0], full[i][0]) and torch.equal(back[i][1], full[i][1]) for i in full)
+    assert main(["convert-heads", str(tmp_path / "none.safetensors"), "--output", ref]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -172,9 +172,13 @@ def check_training(pg, out_dir):
     train, held_out = _samples(16, 96, 8, seed=1), _samples(4, 96, 8, seed=2)
     out = {}
 
+    before = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     trainer = RetainingHeadTrainer(model, TrainConfig(steps=40, hidden=64, lr=1e-2, warmup_steps=4, eval_every=20, log_every=0))
     out["random"] = trainer.evaluate(held_out, scorer="random")
     trainer.fit(train, held_out)
+    out["backbone_frozen"] = not any(p.requires_grad for p in model.parameters())
+    out["backbone_unchanged"] = all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    out["heads_trainable"] = all(p.requires_grad for p in trainer.parameters()) and len(trainer.parameters()) == 4
     out["eval"] = trainer.history["eval"]
     out["train_losses"] = [r["loss"] for r in trainer.history["train"]]
 
