@@ -22,7 +22,8 @@ class TrainConfig:
         smooth_weight: weight of the neighbour-smoothness term.
         smooth_l1_beta: SmoothL1's switch from quadratic to linear.
         label_norm: ``"standardize"`` (per sample, layer and KV head: zero mean, unit std
-            over the prompt tokens) or ``"none"`` (raw logits); see :func:`retaining_loss`.
+            over the prompt tokens) or ``"none"`` (raw logits); see
+            :func:`~megatron_apb.training.objective.standardize_labels` for why.
         top_fraction: the fraction of tokens whose overlap is reported (0.1: top-10%).
         hidden: retaining-head width (1024 in the reference).
         eval_every, save_every, log_every: in steps (0: only at the end).

@@ -49,7 +49,16 @@ def block_counts(prompt_len: int, block_len: int, cp: int) -> List[int]:
 
 def standardize_labels(labels: Tensor, group) -> Tensor:
     """Per layer and KV head: zero mean, unit std over the whole prompt (sums over ``group``,
-    the CP group)."""
+    the CP group).  labels [layers, n, kv].
+
+    Why (the default, ``TrainConfig.label_norm="standardize"``): a head sees one token's
+    q, k, v and never the answer, so it cannot predict a shift or scale that the answer puts
+    on all of a sample's logits (a longer answer raises every max; a query of large norm
+    scales them).  Selection only uses the ranking within a layer and head, which this
+    keeps, and every layer gets targets of one scale for SmoothL1's fixed ``beta``.  On the
+    tiny random model of the tests, 40 steps reach a held-out top-10% overlap of about 0.24
+    with standardised labels against 0.14 with raw logits (chance: 0.10).
+    """
     layers, n, kv = labels.shape
     x = labels.double()
     stats = torch.stack([torch.full((layers, kv), float(n), dtype=torch.float64, device=x.device), x.sum(1), x.pow(2).sum(1)])
