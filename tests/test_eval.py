@@ -179,6 +179,11 @@ def test_report_means_spread_and_exact_agreement():
     assert report.exact_agreement(recs) == {(4096, 2, "exact"): (3, 2, 3)}
     text = report.markdown_report(recs)
     assert "| vt | 50.0 | 50.0 | 0.0 |" in text and "apb-random ×2" in text
+    # a column that answered fewer samples restricts the table to the common ones
+    partial = [r for r in recs if not (r["method"] == "apb-random" and r["index"] == 1)]
+    assert {(r["task"], r["index"]) for r in report.common_samples(partial)} == {("vt", 0), ("cwe", 0)}
+    assert "| vt | 100.0 | 100.0 | 0.0 |" in report.markdown_report(partial)
+    assert "| vt | 50.0 | 50.0 | 0.0 |" in report.markdown_report(partial, common_only=False)
     assert "| 4096 | 2 | exact | 3 | 2 (66.7%) | 3 (100.0%) |" in text
 
 
@@ -225,3 +230,47 @@ def test_eval_cli_full_and_exact_agree_on_2_ranks(tmp_path):
     assert "exact ×2" in proc.stdout and "| 768 | 2 | exact | 2 | 2 (100.0%)" in proc.stdout
     data = json.loads((tmp_path / "cp2.json").read_text())
     assert data["meta"]["cp"] == 2 and len(data["records"]) == 2 * 3
+
+
+class _FakeEngine:
+    """Answers with the sample's first answer, except under the method named ``wrong``."""
+
+    cp_size = 2
+
+    def __init__(self, answers, wrong):
+        self.answers, self.wrong, self.config, self.calls = answers, wrong, None, []
+
+    def generate(self, document_ids, query_ids, sampling):
+        from megatron_apb.inference import GenerationResult
+
+        self.calls.append(self.config.mode)
+        text = "nothing" if self.config.compressor == self.wrong and self.config.mode == "apb" else self.answers[0]
+        return GenerationResult(list(document_ids), list(query_ids), [text], 0.1, 0.2, 0.0, 0,
+                                layout=dict(anchor_len=3, passing_len=1))
+
+
+class _EchoTokenizer(WordTokenizer):
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+@needs_material
+def test_evaluate_scores_each_method_and_skips_done_pairs():
+    from megatron_apb.eval.runner import evaluate
+
+    tok = _EchoTokenizer()
+    samples = tasks.generate_samples(tok, "niah_single_1", 512, 2)
+    methods = eval_methods(APBConfig(), ["exact", "apb"], ["query_attention", "random"], 2)
+    engine = _FakeEngine(samples[0].answers, wrong="random")
+    recs = evaluate(engine, tok, samples[:1], methods)
+    assert {r["method"]: r["score"] for r in recs} == {"exact": 100.0, "apb-query_attention": 100.0, "apb-random": 0.0}
+    assert all(r["ranks"] == 2 and r["prompt_tokens"] > 100 for r in recs)
+    engine.calls.clear()
+    saved = []
+    recs = evaluate(engine, tok, samples, methods, skip={("niah_single_1", 512, 0, "exact"), ("niah_single_1", 512, 1, "apb-random")},
+                    on_sample=lambda r: saved.append(len(r)))
+    assert [(r["index"], r["method"]) for r in recs] == [
+        (0, "apb-query_attention"), (0, "apb-random"), (1, "exact"), (1, "apb-query_attention")]
+    assert saved == [2, 4] and len(engine.calls) == 4

@@ -47,7 +47,8 @@ def _samples(args, tokenizer, log):
         samples = [s for s in samples if s.index < args.samples] if args.samples else samples
         if not samples:
             raise ValueError(f"{args.samples_file}: no samples match --tasks/--lengths/--samples")
-        return samples
+        # interleave tasks and lengths, so that a run cut short has covered all of them
+        return sorted(samples, key=lambda s: (s.index, s.length, s.task))
     samples = []
     for length in _int_list(args.lengths or "4096"):
         for task in parse_tasks(args.tasks or "all"):
@@ -112,8 +113,16 @@ def _cmd_eval(args) -> int:
                 json.dump(dict(meta=meta, records=records), f, indent=1)
             os.replace(args.output + ".tmp", args.output)
 
+    skip = set()
+    if args.skip_from:
+        from .report import load_records
+
+        skip = {(r["task"], r["length"], r["index"], r["method"])
+                for r in load_records(args.skip_from) if r["ranks"] == engine.cp_size}
+        if log:
+            log(f"skipping {len(skip)} (sample, method) pairs answered in {len(args.skip_from)} earlier file(s)")
     records = evaluate(engine, tokenizer, samples, methods, header_len_as_prefix=args.query_prefix_len is None,
-                       progress=log, on_sample=save)
+                       progress=log, on_sample=save, skip=skip)
     save(records, final=True)
     if log:
         from .report import markdown_report
@@ -128,7 +137,7 @@ def _cmd_report(args) -> int:
     """Combine evaluation JSON files into markdown tables."""
     from .report import load_records, markdown_report
 
-    text = markdown_report(load_records(args.files))
+    text = markdown_report(load_records(args.files), common_only=not args.all_samples)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             f.write(text + "\n")
@@ -171,11 +180,15 @@ def add_eval_parsers(sub) -> None:
                    choices=["auto", "sdpa", "cudnn", "flash", "efficient", "flex", "math", "reference"])
     p.add_argument("--comm-backend", choices=["nccl", "gloo"],
                    help="gloo lets more ranks than GPUs share them (default: nccl on GPU, gloo on CPU)")
+    p.add_argument("--skip-from", nargs="+", metavar="JSON",
+                   help="earlier `eval` outputs: their (sample, method) pairs at this rank count are not run again")
     p.add_argument("--shard", default="0/1", help="K/N: run every N-th sample from the K-th (parallel jobs)")
     p.add_argument("--output", required=True, help="JSON file for the records")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("eval-report", help="markdown tables from `megatron-apb eval` JSON files")
     p.add_argument("files", nargs="+")
+    p.add_argument("--all-samples", action="store_true",
+                   help="score every sample of each column, not only those every column answered")
     p.add_argument("--output", help="markdown file to write")
     p.set_defaults(func=_cmd_report)

@@ -46,6 +46,17 @@ def _mean_se(values: List[float]) -> Tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
+def common_samples(records: Iterable[dict]) -> List[dict]:
+    """The records of the samples that every column (method x ranks) of their length
+    answered, so that the columns of a table compare the same prompts."""
+    records = list(records)
+    seen = defaultdict(lambda: defaultdict(set))  # length -> column -> {(task, index)}
+    for r in records:
+        seen[r["length"]][_column(r)].add((r["task"], r["index"]))
+    keep = {length: set.intersection(*cols.values()) for length, cols in seen.items()}
+    return [r for r in records if (r["task"], r["index"]) in keep[r["length"]]]
+
+
 def summarize(records: Iterable[dict]) -> Dict:
     """``{length: {column: {"tasks": {task: (mean, se, n)}, "average": (mean, se)}}}``.
 
@@ -83,9 +94,15 @@ def exact_agreement(records: Iterable[dict]) -> Dict[Tuple[int, int, str], Tuple
     return {k: tuple(v) for k, v in out.items()}
 
 
-def markdown_report(records: Sequence[dict]) -> str:
-    """Markdown: one table per length (tasks x methods), then exact-vs-full agreement."""
+def markdown_report(records: Sequence[dict], *, common_only: bool = True) -> str:
+    """Markdown: one table per length (tasks x methods), then exact-vs-full agreement.
+
+    ``common_only``: score only the samples every column of a length answered (runs cut
+    short by a time limit then still compare like with like)."""
     records = list(records)
+    all_records = records
+    if common_only:
+        records = common_samples(records)
     summary = summarize(records)
     lines = []
     for length in sorted(summary):
@@ -93,7 +110,8 @@ def markdown_report(records: Sequence[dict]) -> str:
         header = [f"{m}" if m == "full" else f"{m} ×{r}" for r, m in cols]
         tasks = [t for t in TASKS if any(t in summary[length][c]["tasks"] for c in cols)]
         counts = sorted({summary[length][c]["tasks"][t][2] for c in cols for t in tasks if t in summary[length][c]["tasks"]})
-        lines.append(f"### {length} tokens (samples per task: {', '.join(map(str, counts))})\n")
+        scope = "answered by every column" if common_only else "per column"
+        lines.append(f"### {length} tokens (samples per task, {scope}: {', '.join(map(str, counts))})\n")
         lines.append("| task | " + " | ".join(header) + " |")
         lines.append("| --- |" + " ---: |" * len(cols))
         for t in tasks:
@@ -105,7 +123,7 @@ def markdown_report(records: Sequence[dict]) -> str:
         avg = [summary[length][c]["average"] for c in cols]
         lines.append("| **average** (± s.e.) | " + " | ".join(f"**{m:.1f}** ± {s:.1f}" for m, s in avg) + " |")
         lines.append("")
-    agree = exact_agreement(records)
+    agree = exact_agreement(all_records)
     if agree:
         lines.append("Exact context parallelism against the single-process run (same samples):\n")
         lines.append("| length | ranks | method | samples | same tokens | same score |")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Optional, Sequence
+from typing import Callable, Collection, Iterable, List, Optional, Sequence, Tuple
 
 from ..config import COMPRESSORS, APBConfig
 from ..inference.prompts import tokenize_prompt
@@ -57,6 +57,7 @@ def evaluate(
     header_len_as_prefix: bool = True,
     progress: Optional[Callable[[str], None]] = None,
     on_sample: Optional[Callable[[List[dict]], None]] = None,
+    skip: Collection[Tuple[str, int, int, str]] = (),
 ) -> List[dict]:
     """Greedy answers of every sample under every method; one record per (sample, method).
 
@@ -64,7 +65,8 @@ def evaluate(
     config is swapped per method.  ``header_len_as_prefix``: embed the query in the anchor
     right after the chat header (APB's placement), unless the method sets its own prefix.
     ``on_sample``: called with all records so far after each sample (e.g. to save them, so
-    an interrupted run keeps what it finished).
+    an interrupted run keeps what it finished).  ``skip``: ``(task, length, index, method)``
+    already answered (e.g. by an earlier, interrupted run); they are not run again.
     """
     samples = list(samples)
     stops = [t for t in (tokenizer.eos_token_id,) if t is not None]
@@ -73,7 +75,8 @@ def evaluate(
     for i, sample in enumerate(samples):
         prompt = tokenize_prompt(tokenizer, sample.document, sample.question, answer_prefix=sample.answer_prefix)
         sampling = SamplingConfig(temperature=0.0, max_new_tokens=sample.max_new_tokens, stop_ids=stops)
-        for method in methods:
+        todo = [m for m in methods if (sample.task, sample.length, sample.index, m.name) not in skip]
+        for method in todo:
             config = method.config
             if header_len_as_prefix:
                 config = config.replace(query_prefix_len=prompt.header_len)
@@ -96,7 +99,7 @@ def evaluate(
         if progress is not None:
             done = i + 1
             eta = (time.perf_counter() - start) / done * (len(samples) - done)
-            last = records[-len(methods):]
+            last = records[-len(todo):] if todo else []
             scores = " ".join(f"{r['method']}={r['score']:.0f}" for r in last)
             progress(f"[{done}/{len(samples)}] {sample.task} L={sample.length} #{sample.index}: {scores} (eta {eta:.0f} s)")
     return records

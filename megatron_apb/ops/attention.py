@@ -71,6 +71,12 @@ def attention_with_lse(
     if backend in _FUSED:
         return _fused_attention(q, k, v, causal, scale, backend)
     if backend == "flex":
+        if q.is_cuda and sq < _FLEX_MIN_ROWS:
+            # the compiled FlexAttention kernel fails to build for short query blocks
+            # (inductor, torch 2.11); few rows against many keys is the decoding case anyway
+            if _small_query_fits(q, k):
+                return grouped_small_query_attention(q, k, v, causal=causal, softmax_scale=scale)
+            return _math_attention(q, k, v, causal, scale)
         return _flex_attention(q, k, v, causal, scale)
     raise ValueError(f"unknown attention backend {backend!r}")
 
@@ -171,6 +177,7 @@ def _math_attention(q, k, v, causal, scale):
 # KV heads expanded to the query heads; two batched matmuls per KV head group read the
 # cache once, with no copy.
 _SMALL_QUERY_ROWS = 64
+_FLEX_MIN_ROWS = 128
 _SMALL_QUERY_SCORES = 1 << 28  # fp32 score elements (1 GiB)
 
 
