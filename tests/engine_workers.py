@@ -46,6 +46,9 @@ def generate_vs_recompute(rank, world, tp, cp, n_doc, n_new, modes, device="cpu"
         logit_err = (engine.step(cache, query, n) - first_logits.float()).abs().max().item()
         out = engine.generate(doc, query, SamplingConfig(max_new_tokens=n_new))
         results[name] = (out.output_ids, logit_err, cache.tokens())
+        # phase 2 on each rank alone, after gathering the caches: the same exact attention
+        local = engine.generate(doc, query, SamplingConfig(max_new_tokens=n_new), local_decode=True)
+        results[name + "/local"] = (local.output_ids, logit_err, cache.tokens())
     return results
 
 
@@ -81,3 +84,23 @@ def prefill_error(rank, world, n_doc):
     except Exception as exc:
         return str(exc)
     return None
+
+
+def local_vs_distributed_decode(rank, world, n_doc, n_new, kwargs):
+    """Tokens of the distributed phase 2 and of phase 2 on gathered caches, same prefill."""
+    _setup()
+    from megatron_apb import APBConfig
+    from megatron_apb.inference import SamplingConfig
+    from megatron_apb.megatron import rank_grid_groups
+
+    pg = rank_grid_groups(1, world)
+    apb_config = APBConfig(**kwargs)
+    engine = _engine(_model(apb_config, 1, world, pg), apb_config, pg)
+    doc, query = _prompt(n_doc, 4, seed=5)
+    sampling = SamplingConfig(max_new_tokens=n_new)
+    cache, layout, n, _ = engine.prefill(doc, query)
+    full = engine.gather_cache(cache, layout, n)
+    steps = [(engine.step(cache, query, n), engine.step(full, query, n))]
+    return (engine.generate(doc, query, sampling).output_ids,
+            engine.generate(doc, query, sampling, local_decode=True).output_ids,
+            max((a - b).abs().max().item() for a, b in steps), full.tokens(), cache.tokens())

@@ -45,3 +45,16 @@ def test_document_shorter_than_world_fails_on_every_rank():
 
     errors = run_distributed(prefill_error, 4, 3, timeout=120)
     assert all(e is not None and "fewer than the 4" in e for e in errors), errors
+
+
+def test_local_decode_equals_distributed_decode_for_lossy_apb():
+    """APB's prefill is approximate, phase 2 is exact: decoding on gathered caches must give
+    the distributed phase 2's logits (1e-5, fp32 summation order) and tokens."""
+    from tests.engine_workers import local_vs_distributed_decode
+
+    results = run_distributed(local_vs_distributed_decode, 4, 30, 10, dict(mode="apb", anchor_len=5, passing_len=2, query_prefix_len=0))
+    for dist_tokens, local_tokens, logit_err, full_tokens, own_tokens in results:
+        assert dist_tokens == local_tokens == results[0][0]
+        assert logit_err <= 1e-5
+        assert full_tokens == 30 + 4  # the whole document and the query
+    assert [r[4] for r in results] == [8, 8, 8, 6 + 4]  # own blocks (the last one + query)

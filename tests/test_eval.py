@@ -240,7 +240,7 @@ class _FakeEngine:
     def __init__(self, answers, wrong):
         self.answers, self.wrong, self.config, self.calls = answers, wrong, None, []
 
-    def generate(self, document_ids, query_ids, sampling):
+    def generate(self, document_ids, query_ids, sampling, local_decode=False):
         from megatron_apb.inference import GenerationResult
 
         self.calls.append(self.config.mode)

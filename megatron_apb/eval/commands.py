@@ -122,7 +122,7 @@ def _cmd_eval(args) -> int:
         if log:
             log(f"skipping {len(skip)} (sample, method) pairs answered in {len(args.skip_from)} earlier file(s)")
     records = evaluate(engine, tokenizer, samples, methods, header_len_as_prefix=args.query_prefix_len is None,
-                       progress=log, on_sample=save, skip=skip)
+                       progress=log, on_sample=save, skip=skip, local_decode=not args.distributed_decode)
     save(records, final=True)
     if log:
         from .report import markdown_report
@@ -180,6 +180,9 @@ def add_eval_parsers(sub) -> None:
                    choices=["auto", "sdpa", "cudnn", "flash", "efficient", "flex", "math", "reference"])
     p.add_argument("--comm-backend", choices=["nccl", "gloo"],
                    help="gloo lets more ranks than GPUs share them (default: nccl on GPU, gloo on CPU)")
+    p.add_argument("--distributed-decode", action="store_true",
+                   help="decode across the ranks (one collective per layer and token) instead of "
+                   "on each rank after gathering the caches; both are exact")
     p.add_argument("--skip-from", nargs="+", metavar="JSON",
                    help="earlier `eval` outputs: their (sample, method) pairs at this rank count are not run again")
     p.add_argument("--shard", default="0/1", help="K/N: run every N-th sample from the K-th (parallel jobs)")

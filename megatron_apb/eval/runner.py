@@ -58,6 +58,7 @@ def evaluate(
     progress: Optional[Callable[[str], None]] = None,
     on_sample: Optional[Callable[[List[dict]], None]] = None,
     skip: Collection[Tuple[str, int, int, str]] = (),
+    local_decode: bool = True,
 ) -> List[dict]:
     """Greedy answers of every sample under every method; one record per (sample, method).
 
@@ -67,6 +68,9 @@ def evaluate(
     ``on_sample``: called with all records so far after each sample (e.g. to save them, so
     an interrupted run keeps what it finished).  ``skip``: ``(task, length, index, method)``
     already answered (e.g. by an earlier, interrupted run); they are not run again.
+    ``local_decode``: after each distributed prefill, gather the caches and decode on every
+    rank alone (exact either way; it saves a collective per layer and token, see
+    :meth:`~megatron_apb.inference.APBEngine.gather_cache`).
     """
     samples = list(samples)
     stops = [t for t in (tokenizer.eos_token_id,) if t is not None]
@@ -81,11 +85,11 @@ def evaluate(
             if header_len_as_prefix:
                 config = config.replace(query_prefix_len=prompt.header_len)
             engine.config = config
-            result = engine.generate(prompt.document_ids, prompt.query_ids, sampling)
+            result = engine.generate(prompt.document_ids, prompt.query_ids, sampling, local_decode=local_decode)
             prediction = tokenizer.decode(result.output_ids, skip_special_tokens=True).strip()
             records.append(dict(
                 task=sample.task, length=sample.length, index=sample.index, method=method.name,
-                ranks=engine.cp_size, mode=config.mode,
+                ranks=engine.cp_size, mode=config.mode, decode="local" if local_decode else "distributed",
                 compressor=config.compressor if config.mode == "apb" else None,
                 prediction=prediction, answers=list(sample.answers),
                 score=100.0 * score_answer(prediction, sample.answers),

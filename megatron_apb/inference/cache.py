@@ -26,14 +26,18 @@ class CPKVCache:
         owner: whether this rank appends the K/V of phase-2 tokens.
         reserve: phase-2 tokens the owner makes room for at the prefill (the storage grows
             beyond it when needed).
+        complete: the cache holds every rank's block (gathered after the prefill): phase 2
+            then runs on this rank alone, with no collective per layer.
     """
 
-    def __init__(self, valid_len: int, owner: bool, reserve: int = 256):
+    def __init__(self, valid_len: int, owner: bool, reserve: int = 256, complete: bool = False):
         if valid_len < 0:
             raise ValueError(f"valid_len must be >= 0, got {valid_len}")
         if reserve < 0:
             raise ValueError(f"reserve must be >= 0, got {reserve}")
-        self.valid_len, self.owner, self.reserve = valid_len, owner, reserve
+        if complete and not owner:
+            raise ValueError("a complete cache appends phase-2 tokens itself: owner must be True")
+        self.valid_len, self.owner, self.reserve, self.complete = valid_len, owner, reserve, complete
         self._keys: Dict[int, Tensor] = {}
         self._values: Dict[int, Tensor] = {}
         self._length: Dict[int, int] = {}
@@ -72,6 +76,10 @@ class CPKVCache:
             raise KeyError(f"no cached K/V for layer {layer}: run the prefill first")
         n = self._length[layer]
         return self._keys[layer][:, :n], self._values[layer][:, :n]
+
+    def layers(self):
+        """The layer numbers cached."""
+        return list(self._keys)
 
     def tokens(self) -> int:
         """Tokens cached per layer on this rank."""

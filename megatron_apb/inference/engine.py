@@ -19,7 +19,7 @@ from typing import Callable, List, Optional
 import torch
 import torch.distributed as dist
 
-from ..comm import collective_device, group_rank, group_size
+from ..comm import all_gather_async, collective_device, group_rank, group_size
 from ..config import APBConfig, APBConfigError
 from ..layout import shard_document
 from ..megatron.context import apb_runtime
@@ -153,6 +153,26 @@ class APBEngine:
         return cache, layout, doc.numel(), seconds
 
     @torch.no_grad()
+    def gather_cache(self, cache: CPKVCache, layout, n_doc: int) -> CPKVCache:
+        """Every rank's block K/V, on every rank: a ``complete`` cache with which phase 2
+        runs on each rank alone (no collective per layer and token), with the same exact
+        attention as the distributed phase 2.  Costs the whole document's K/V per rank."""
+        if self.cp_size == 1:
+            return cache
+        block = layout.block_len
+        valid = [max(0, min(block, n_doc - layout.block_start(r))) for r in range(self.cp_size)]
+        full = CPKVCache(valid_len=n_doc, owner=True, complete=True)
+        for layer in cache.layers():
+            parts = []
+            for x in cache.get(layer):  # [b, valid_r, kv, d], padded to the block to gather
+                padded = x.new_zeros((x.shape[0], block) + tuple(x.shape[2:]))
+                padded[:, : x.shape[1]] = x
+                gathered = all_gather_async(padded, self.cp_group).wait()  # [W, b, block, kv, d]
+                parts.append(torch.cat([gathered[r, :, : valid[r]] for r in range(self.cp_size)], dim=1))
+            full.store_prefill(layer, *parts)
+        return full
+
+    @torch.no_grad()
     def step(self, cache: CPKVCache, ids, start_position: int) -> torch.Tensor:
         """Phase-2 forward of ``ids`` at positions start_position...; logits of the last."""
         ids = torch.as_tensor(ids, dtype=torch.long).flatten()
@@ -162,12 +182,19 @@ class APBEngine:
         return self._logits(hidden[-1:])
 
     @torch.no_grad()
-    def generate(self, document_ids, query_ids, sampling: SamplingConfig) -> GenerationResult:
-        """Prefill the document, answer the query; every rank returns the same result."""
+    def generate(self, document_ids, query_ids, sampling: SamplingConfig, *, local_decode: bool = False) -> GenerationResult:
+        """Prefill the document, answer the query; every rank returns the same result.
+
+        ``local_decode``: gather the caches after the prefill (:meth:`gather_cache`) and
+        run phase 2 on every rank alone; the answer is the same (phase 2 is exact either
+        way), with one collective per layer instead of one per layer and token.
+        """
         gen = torch.Generator().manual_seed(sampling.seed)
         cache, layout, n_doc, prefill_s = self.prefill(document_ids, query_ids)
         query = torch.as_tensor(query_ids, dtype=torch.long).flatten()
         start = time.perf_counter()
+        if local_decode:
+            cache = self.gather_cache(cache, layout, n_doc)
         logits = self.step(cache, query, n_doc)
         token = self._broadcast_token(sample(logits, sampling, gen))
         _sync(self.device)

@@ -204,7 +204,7 @@ class APBCoreAttention(MegatronModule):
             cache.append(self.layer_number, k, v)
         k_cache, v_cache = cache.get(self.layer_number)
         out = decode_attention(
-            q, k_cache, v_cache, owner=cache.owner, group=self.cp_group,
+            q, k_cache, v_cache, owner=cache.owner, group=None if cache.complete else self.cp_group,
             softmax_scale=self.softmax_scale, backend=self.apb_config.backend,
         )
         return out.transpose(0, 1).reshape(seq, out.shape[0], -1)
