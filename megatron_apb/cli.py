@@ -29,19 +29,6 @@ def _cmd_info(args) -> int:
     return 0
 
 
-def _apb_config_from_args(args, compressor):
-    from .config import APBConfig
-
-    return APBConfig(
-        mode=args.cp_mode,
-        anchor_len=args.anchor_len,
-        passing_len=args.passing_len,
-        compressor=compressor,
-        backend=args.backend,
-        **({"query_prefix_len": args.query_prefix_len} if args.query_prefix_len is not None else {}),
-    )
-
-
 def _cmd_generate(args) -> int:
     """Distributed generation: APB (or another mode's) prefill, exact decoding."""
     import json
@@ -49,7 +36,7 @@ def _cmd_generate(args) -> int:
     import torch.distributed as dist
 
     from .inference import APBEngine, SamplingConfig
-    from .inference.launch import init_runtime, load_model
+    from .inference.launch import apb_config_from_args, init_runtime, load_model
     from .inference.prompts import passkey_prompt, tokenize_prompt
 
     rt = init_runtime(args.tp, args.dtype)
@@ -58,7 +45,7 @@ def _cmd_generate(args) -> int:
     compressor = args.compressor or ("retaining_head" if args.heads else "query_attention")
     if compressor == "retaining_head" and not args.heads:
         raise ValueError("--compressor retaining_head needs trained heads: pass --heads PATH")
-    apb_config = _apb_config_from_args(args, compressor)
+    apb_config = apb_config_from_args(args, mode=args.cp_mode, compressor=compressor)
     if apb_config.mode == "apb" and not args.heads:
         say("no retaining heads given (--heads): APB uses the training-free query-attention compressor")
     say(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'} on {rt.world} process(es): "
@@ -119,6 +106,8 @@ def _cmd_generate(args) -> int:
 
 
 def _add_generate(sub):
+    from .inference.launch import add_apb_args, add_runtime_args
+
     p = sub.add_parser(
         "generate",
         help="answer a question about a long document on TP x CP processes (torchrun)",
@@ -131,20 +120,14 @@ def _add_generate(sub):
     p.add_argument("--cp-mode", default="apb", choices=["apb", "star", "exact", "ulysses"])
     p.add_argument("--compare", nargs="*", choices=["apb", "star", "exact", "ulysses"],
                    help="also run these modes on the same prompt and weights")
-    p.add_argument("--anchor-len", type=int, help="anchor tokens (default: block/4)")
-    p.add_argument("--passing-len", type=int, help="passing tokens per rank (default: block/8)")
-    p.add_argument("--query-prefix-len", type=int,
-                   help="document tokens before the query in the anchor (default: the chat header)")
+    add_apb_args(p)
     p.add_argument("--compressor", choices=["retaining_head", "query_attention", "random"])
     p.add_argument("--heads", help="trained retaining heads (safetensors, reference layout)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default bf16 on GPU, fp32 on CPU")
-    p.add_argument("--backend", default="auto",
-                   choices=["auto", "sdpa", "cudnn", "flash", "efficient", "flex", "math", "reference"])
+    add_runtime_args(p)
     p.add_argument("--haystack-tokens", type=int, default=6000,
                    help="length of the built-in pass-key retrieval document")
     p.add_argument("--output-json", help="write prompt ids, output ids, text and timings here")

@@ -142,27 +142,14 @@ def test_scaling_variants_are_distinguishable(hf_cases):
     assert case["unscaled_diff"] > 1e-2
 
 
-def test_logits_cp1_and_load_errors(hf_cases):
+@pytest.mark.parametrize("tp,cp,load_errors", [(1, 1, True), (1, 2, False), (2, 2, True)], ids=["cp1", "cp2", "tp2_cp2"])
+def test_logits_and_load_errors(hf_cases, tp, cp, load_errors):
     t = time.perf_counter()
-    results = run_distributed(check_logits, 1, 1, 1, hf_cases, True)
-    _report("CP=1", results, hf_cases, time.perf_counter() - t)
-    _check(results, hf_cases, 1)
-    _check_load_errors(results)
-
-
-def test_logits_cp2(hf_cases):
-    t = time.perf_counter()
-    results = run_distributed(check_logits, 2, 1, 2, hf_cases, False)
-    _report("CP=2", results, hf_cases, time.perf_counter() - t)
-    _check(results, hf_cases, 1)
-
-
-def test_logits_tp2_cp2(hf_cases):
-    t = time.perf_counter()
-    results = run_distributed(check_logits, 4, 2, 2, hf_cases, True)
-    _report("TP2xCP2", results, hf_cases, time.perf_counter() - t)
-    _check(results, hf_cases, 2)
-    _check_load_errors(results)
+    results = run_distributed(check_logits, tp * cp, tp, cp, hf_cases, load_errors)
+    _report(f"TP{tp}xCP{cp}", results, hf_cases, time.perf_counter() - t)
+    _check(results, hf_cases, tp)
+    if load_errors:
+        _check_load_errors(results)
 
 
 def _check_load_errors(results):

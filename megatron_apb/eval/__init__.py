@@ -4,7 +4,8 @@ Names are imported on first use (the runner needs Megatron-Core; generating and 
 tasks does not).
 """
 
-import importlib
+
+from .._lazy import lazy_getattr
 
 _EXPORTS = {
     "TASKS": ".tasks", "TaskSample": ".tasks", "generate_samples": ".tasks", "parse_tasks": ".tasks",
@@ -14,8 +15,4 @@ _EXPORTS = {
 }
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -74,9 +74,8 @@ def _cmd_eval(args) -> int:
     """Answer task samples with each attention method on this run's ranks; write records."""
     import torch.distributed as dist
 
-    from ..cli import _apb_config_from_args
     from ..inference import APBEngine
-    from ..inference.launch import init_runtime, load_model
+    from ..inference.launch import apb_config_from_args, init_runtime, load_model
     from .runner import eval_methods, evaluate
 
     rt = init_runtime(args.tp, args.dtype, backend=args.comm_backend)
@@ -86,8 +85,7 @@ def _cmd_eval(args) -> int:
         compressors = ["query_attention", "random"] + (["retaining_head"] if args.heads else [])
     if "retaining_head" in compressors and not args.heads:
         raise ValueError("compressor retaining_head needs trained heads: pass --heads PATH")
-    args.cp_mode = "apb"
-    base = _apb_config_from_args(args, "retaining_head" if args.heads else "query_attention")
+    base = apb_config_from_args(args, mode="apb", compressor="retaining_head" if args.heads else "query_attention")
     model, spec, tokenizer, base = load_model(args.model, base, rt, heads=args.heads)
     if tokenizer is None:
         raise ValueError(f"{args.model}: no tokenizer found next to the weights")
@@ -155,6 +153,8 @@ def _task_args(p, default_samples):
 
 def add_eval_parsers(sub) -> None:
     """Register ``tasks``, ``eval`` and ``eval-report`` on the top-level subparsers."""
+    from ..inference.launch import add_apb_args, add_runtime_args
+
     p = sub.add_parser("tasks", help="write RULER-style task samples to a JSONL file")
     _task_args(p, 4)
     p.add_argument("--output", required=True, help="JSONL file to write")
@@ -171,13 +171,8 @@ def add_eval_parsers(sub) -> None:
     p.add_argument("--compressors", help="APB compressors, comma list (default: query_attention,random "
                    "and retaining_head when --heads is given)")
     p.add_argument("--heads", help="trained retaining heads (safetensors, reference layout)")
-    p.add_argument("--anchor-len", type=int, help="anchor tokens (default: block/4)")
-    p.add_argument("--passing-len", type=int, help="passing tokens per rank (default: block/8)")
-    p.add_argument("--query-prefix-len", type=int, help="default: the chat header's length")
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default bf16 on GPU, fp32 on CPU")
-    p.add_argument("--backend", default="auto",
-                   choices=["auto", "sdpa", "cudnn", "flash", "efficient", "flex", "math", "reference"])
+    add_apb_args(p)
+    add_runtime_args(p)
     p.add_argument("--comm-backend", choices=["nccl", "gloo"],
                    help="gloo lets more ranks than GPUs share them (default: nccl on GPU, gloo on CPU)")
     p.add_argument("--distributed-decode", action="store_true",

@@ -307,13 +307,15 @@ def _fwe(tokenizer, length, budget, rng: random.Random, alpha=2.0, top=3):
     question = f"Which are the {top} most frequent coded words in the text above?"
     prefix = f"The {top} most frequent coded words are"
 
+    def draws(n):  # the first n words of one fixed stream
+        return random.Random(draw_seed).choices(vocab, weights=weights, k=n)
+
     def build(n):
-        draws = random.Random(draw_seed).choices(vocab, weights=weights, k=n)
-        return "Read the coded text below and count how often each coded word appears.\n\n" + " ".join(draws) + ".", question, prefix
+        return "Read the coded text below and count how often each coded word appears.\n\n" + " ".join(draws(n)) + ".", question, prefix
 
     n, (document, question, prefix) = _fit(tokenizer, budget, build, length)
     counts: Dict[str, int] = {}
-    for w in random.Random(draw_seed).choices(vocab, weights=weights, k=n):
+    for w in draws(n):
         counts[w] = counts.get(w, 0) + 1
     ranked = sorted(counts.items(), key=lambda kv: -kv[1])
     if len(ranked) <= top or ranked[top - 1][1] == ranked[top][1]:

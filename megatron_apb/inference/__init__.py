@@ -4,7 +4,8 @@ Names are imported on first use, so that ``megatron_apb.inference.prompts`` (tok
 prompts, e.g. for the task generators) does not import Megatron-Core.
 """
 
-import importlib
+
+from .._lazy import lazy_getattr
 
 _EXPORTS = {
     "APBEngine": ".engine",
@@ -15,8 +16,4 @@ _EXPORTS = {
 }
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

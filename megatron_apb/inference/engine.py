@@ -163,13 +163,12 @@ class APBEngine:
         valid = [max(0, min(block, n_doc - layout.block_start(r))) for r in range(self.cp_size)]
         full = CPKVCache(valid_len=n_doc, owner=True, complete=True)
         for layer in cache.layers():
-            parts = []
-            for x in cache.get(layer):  # [b, valid_r, kv, d], padded to the block to gather
-                padded = x.new_zeros((x.shape[0], block) + tuple(x.shape[2:]))
-                padded[:, : x.shape[1]] = x
-                gathered = all_gather_async(padded, self.cp_group).wait()  # [W, b, block, kv, d]
-                parts.append(torch.cat([gathered[r, :, : valid[r]] for r in range(self.cp_size)], dim=1))
-            full.store_prefill(layer, *parts)
+            k, v = cache.get(layer)  # [b, valid_r, kv, d]; K and V travel together, padded to the block
+            packed = k.new_zeros((2, k.shape[0], block) + tuple(k.shape[2:]))
+            packed[0, :, : k.shape[1]], packed[1, :, : v.shape[1]] = k, v
+            gathered = all_gather_async(packed, self.cp_group).wait()  # [W, 2, b, block, kv, d]
+            k_full, v_full = torch.cat([gathered[r, :, :, : valid[r]] for r in range(self.cp_size)], dim=2)
+            full.store_prefill(layer, k_full, v_full)
         return full
 
     @torch.no_grad()

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..config import APBConfig, APBConfigError
+from ..config import BACKENDS, APBConfig, APBConfigError
 
 
 @dataclass
@@ -38,6 +38,34 @@ class Runtime:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def add_runtime_args(parser, *, dtype_help: str = "default bf16 on GPU, fp32 on CPU"):
+    """``--tp`` and ``--dtype``: how a command lays out and runs the model."""
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (CP = processes / TP)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help=dtype_help)
+
+
+def add_apb_args(parser):
+    """The APB layout and kernel flags shared by the commands that run APB attention."""
+    parser.add_argument("--anchor-len", type=int, help="anchor tokens (default: block/4)")
+    parser.add_argument("--passing-len", type=int, help="passing tokens per rank (default: block/8)")
+    parser.add_argument("--query-prefix-len", type=int,
+                        help="document tokens before the query in the anchor (default: the chat header)")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS, help="attention kernel (default: auto)")
+
+
+def apb_config_from_args(args, *, mode: str, compressor: str) -> APBConfig:
+    """The :class:`APBConfig` of ``add_apb_args``'s flags (unset ones keep the defaults;
+    ``APBConfig`` validates the rest)."""
+    return APBConfig(
+        mode=mode,
+        anchor_len=args.anchor_len,
+        passing_len=args.passing_len,
+        compressor=compressor,
+        backend=args.backend,
+        **({"query_prefix_len": args.query_prefix_len} if args.query_prefix_len is not None else {}),
+    )
 
 
 def quiet_warnings():

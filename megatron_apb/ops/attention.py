@@ -60,7 +60,7 @@ def attention_with_lse(
     if sq == 0 or sk == 0:
         return _empty(q, sq)
     if requested == "auto" and q.is_cuda and _small_query_fits(q, k):
-        return grouped_small_query_attention(q, k, v, causal=causal, softmax_scale=scale)
+        return _grouped_small_query(q, k, v, causal, scale)
     if backend == "reference":
         mask = causal_mask(sq, sk, device=q.device) if causal else None
         return reference_attention(q, k, v, mask, scale)
@@ -75,7 +75,7 @@ def attention_with_lse(
             # the compiled FlexAttention kernel fails to build for short query blocks
             # (inductor, torch 2.11); few rows against many keys is the decoding case anyway
             if _small_query_fits(q, k):
-                return grouped_small_query_attention(q, k, v, causal=causal, softmax_scale=scale)
+                return _grouped_small_query(q, k, v, causal, scale)
             return _math_attention(q, k, v, causal, scale)
         return _flex_attention(q, k, v, causal, scale)
     raise ValueError(f"unknown attention backend {backend!r}")
@@ -195,12 +195,17 @@ def grouped_small_query_attention(q, k, v, *, causal: bool, softmax_scale: Optio
     float32 accumulation, softmax and LSE in float32.
     """
     check_shapes(q, k, v)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if q.shape[1] == 0 or k.shape[1] == 0:
+        return _empty(q, q.shape[1])
+    return _grouped_small_query(q, k, v, causal, scale)
+
+
+def _grouped_small_query(q, k, v, causal, scale):
+    """:func:`grouped_small_query_attention` on checked, non-empty inputs."""
     b, sq, h, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
     g = h // hk
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
-    if sq == 0 or sk == 0:
-        return _empty(q, sq)
     # rows of a group: (query head within the group, query position)
     qg = q.reshape(b, sq, hk, g, d).permute(0, 2, 3, 1, 4).reshape(b, hk, g * sq, d)
     s = torch.matmul(qg, k.permute(0, 2, 3, 1)).float().mul_(scale)  # [b, hk, g*sq, sk]

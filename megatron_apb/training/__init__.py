@@ -10,6 +10,8 @@
 Names are imported lazily, so reading data needs no Megatron import.
 """
 
+from .._lazy import lazy_getattr
+
 _EXPORTS = {
     "TrainConfig": ".config",
     "RetainingHeadTrainer": ".trainer",
@@ -26,10 +28,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

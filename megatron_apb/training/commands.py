@@ -130,6 +130,8 @@ def cmd_convert_heads(args) -> int:
 
 def add_training_parsers(sub) -> None:
     """Add ``train-heads`` and ``convert-heads`` to the ``megatron-apb`` subcommands."""
+    from ..inference.launch import add_runtime_args
+
     p = sub.add_parser(
         "train-heads",
         help="fine-tune retaining heads for a frozen model (torchrun: CP = processes / --tp)",
@@ -160,8 +162,7 @@ def add_training_parsers(sub) -> None:
     p.add_argument("--output", required=True, help="directory for heads.safetensors, train_log.json, checkpoints")
     p.add_argument("--resume", help="continue from this --output directory of an earlier run")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="model dtype (default bf16 on GPU, fp32 on CPU)")
+    add_runtime_args(p, dtype_help="model dtype (default bf16 on GPU, fp32 on CPU)")
     p.set_defaults(func=cmd_train_heads)
 
     c = sub.add_parser("convert-heads", help="rewrite retaining heads under reference or Megatron names")
