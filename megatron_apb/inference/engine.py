@@ -153,22 +153,26 @@ class APBEngine:
         return cache, layout, doc.numel(), seconds
 
     @torch.no_grad()
-    def gather_cache(self, cache: CPKVCache, layout, n_doc: int) -> CPKVCache:
-        """Every rank's block K/V, on every rank: a ``complete`` cache with which phase 2
-        runs on each rank alone (no collective per layer and token), with the same exact
-        attention as the distributed phase 2.  Costs the whole document's K/V per rank."""
+    def gather_cache(self, cache: CPKVCache, layout, n_doc: int, *, keep: bool = True) -> Optional[CPKVCache]:
+        """Every rank's block K/V in one ``complete`` cache, with which phase 2 runs on a rank
+        alone (no collective per layer and token), with the same exact attention as the
+        distributed phase 2.  Costs the whole document's K/V on each rank that keeps it.
+
+        Collective over the CP group.  ``keep=False``: take part without keeping the result
+        (returns None), for ranks that will not decode."""
         if self.cp_size == 1:
             return cache
         block = layout.block_len
         valid = [max(0, min(block, n_doc - layout.block_start(r))) for r in range(self.cp_size)]
-        full = CPKVCache(valid_len=n_doc, owner=True, complete=True)
+        full = CPKVCache(valid_len=n_doc, owner=True, complete=True) if keep else None
         for layer in cache.layers():
             k, v = cache.get(layer)  # [b, valid_r, kv, d]; K and V travel together, padded to the block
             packed = k.new_zeros((2, k.shape[0], block) + tuple(k.shape[2:]))
             packed[0, :, : k.shape[1]], packed[1, :, : v.shape[1]] = k, v
             gathered = all_gather_async(packed, self.cp_group).wait()  # [W, 2, b, block, kv, d]
-            k_full, v_full = torch.cat([gathered[r, :, :, : valid[r]] for r in range(self.cp_size)], dim=2)
-            full.store_prefill(layer, k_full, v_full)
+            if keep:
+                k_full, v_full = torch.cat([gathered[r, :, :, : valid[r]] for r in range(self.cp_size)], dim=2)
+                full.store_prefill(layer, k_full, v_full)
         return full
 
     @torch.no_grad()
@@ -180,40 +184,73 @@ class APBEngine:
             hidden = self._decoder(ids, start_position + ids.numel() + 1)
         return self._logits(hidden[-1:])
 
-    @torch.no_grad()
-    def generate(self, document_ids, query_ids, sampling: SamplingConfig, *, local_decode: bool = False) -> GenerationResult:
-        """Prefill the document, answer the query; every rank returns the same result.
-
-        ``local_decode``: gather the caches after the prefill (:meth:`gather_cache`) and
-        run phase 2 on every rank alone; the answer is the same (phase 2 is exact either
-        way), with one collective per layer instead of one per layer and token.
-        """
+    def _phase2(self, cache, query, n_doc, sampling, broadcast):
+        """The query's step, then one step per generated token: (tokens, seconds to the
+        first token, decode seconds).  ``broadcast`` makes one rank's sampled token everyone's."""
         gen = torch.Generator().manual_seed(sampling.seed)
-        cache, layout, n_doc, prefill_s = self.prefill(document_ids, query_ids)
-        query = torch.as_tensor(query_ids, dtype=torch.long).flatten()
         start = time.perf_counter()
-        if local_decode:
-            cache = self.gather_cache(cache, layout, n_doc)
-        logits = self.step(cache, query, n_doc)
-        token = self._broadcast_token(sample(logits, sampling, gen))
+        token = broadcast(sample(self.step(cache, query, n_doc), sampling, gen))
         _sync(self.device)
-        ttft = prefill_s + time.perf_counter() - start
+        first_s = time.perf_counter() - start
         out, position = [token], n_doc + query.numel()
         stops = set(sampling.stop_ids)
         decode_start = time.perf_counter()
         while len(out) < sampling.max_new_tokens and token not in stops:
-            logits = self.step(cache, [token], position)
-            token = self._broadcast_token(sample(logits, sampling, gen))
+            token = broadcast(sample(self.step(cache, [token], position), sampling, gen))
             out.append(token)
             position += 1
         _sync(self.device)
-        decode_s = time.perf_counter() - decode_start
+        return out, first_s, time.perf_counter() - decode_start
+
+    def _tp_broadcast_token(self, token: int) -> int:
+        """The token of TP rank 0 on every rank of the TP group (identical logits, but one
+        sampler decides)."""
+        if self.tp_group is None or group_size(self.tp_group) == 1:
+            return token
+        t = torch.tensor([token], dtype=torch.long, device=collective_device(self.tp_group, self.device))
+        dist.broadcast(t, src=dist.get_global_rank(self.tp_group, 0), group=self.tp_group)
+        return int(t.item())
+
+    def _decode_on_last_rank(self, cache, layout, query, n_doc, sampling):
+        """Phase 2 on the last CP rank alone (its TP group), on the gathered caches; the
+        others wait for its tokens.  Returns (tokens, seconds to the first token, decode s)."""
+        last = self.cp_size - 1
+        start = time.perf_counter()
+        full = self.gather_cache(cache, layout, n_doc, keep=self.cp_rank == last)
+        payload = torch.zeros(sampling.max_new_tokens + 3, dtype=torch.float64)
+        if self.cp_rank == last:
+            gather_s = time.perf_counter() - start
+            out, first_s, decode_s = self._phase2(full, query, n_doc, sampling, self._tp_broadcast_token)
+            payload[:3] = torch.tensor([len(out), gather_s + first_s, decode_s], dtype=torch.float64)
+            payload[3 : 3 + len(out)] = torch.tensor(out, dtype=torch.float64)  # exact below 2**53
+        del full
+        payload = payload.to(collective_device(self.cp_group, self.device))
+        dist.broadcast(payload, src=dist.get_global_rank(self.cp_group, last), group=self.cp_group)
+        payload = payload.cpu()
+        n = int(payload[0])
+        return [int(t) for t in payload[3 : 3 + n].tolist()], float(payload[1]), float(payload[2])
+
+    @torch.no_grad()
+    def generate(self, document_ids, query_ids, sampling: SamplingConfig, *, local_decode: bool = False) -> GenerationResult:
+        """Prefill the document, answer the query; every rank returns the same result.
+
+        ``local_decode``: gather the caches on the last CP rank after the prefill
+        (:meth:`gather_cache`) and run phase 2 there alone, while the other ranks wait for
+        its tokens: the same answer (phase 2 is exact either way), with one collective per
+        layer instead of one per layer and token, and one rank's GPU work instead of all.
+        """
+        cache, layout, n_doc, prefill_s = self.prefill(document_ids, query_ids)
+        query = torch.as_tensor(query_ids, dtype=torch.long).flatten()
+        if local_decode and self.cp_size > 1:
+            out, first_s, decode_s = self._decode_on_last_rank(cache, layout, query, n_doc, sampling)
+        else:
+            out, first_s, decode_s = self._phase2(cache, query, n_doc, sampling, self._broadcast_token)
         return GenerationResult(
             document_ids=torch.as_tensor(document_ids).flatten().tolist(),
             query_ids=query.tolist(),
             output_ids=out,
             prefill_s=prefill_s,
-            time_to_first_token_s=ttft,
+            time_to_first_token_s=prefill_s + first_s,
             decode_s=decode_s,
             decode_tokens=len(out) - 1,
             layout=dict(layout.__dict__),
