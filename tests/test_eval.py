@@ -158,6 +158,20 @@ def test_methods_per_rank_count():
         eval_methods(base, ["ring"], [], 2)
 
 
+def test_shards_are_disjoint_complete_and_index_major():
+    from megatron_apb.eval.commands import shard_samples
+
+    samples = [tasks.TaskSample(t, n, i, "", "", "", ["a"], 8)
+               for n in (1024, 2048) for t in ("vt", "cwe") for i in range(3)]  # task-major
+    shards = [shard_samples(samples, f"{k}/3") for k in range(3)]
+    assert sorted(map(id, sum(shards, []))) == sorted(map(id, samples))
+    # the first two of each shard already cover both tasks and both lengths' first index
+    firsts = {(s.task, s.length, s.index) for part in shards for s in part[:2]}
+    assert firsts == {(t, n, 0) for t in ("vt", "cwe") for n in (1024, 2048)} | {("vt", 1024, 1), ("cwe", 1024, 1)}
+    with pytest.raises(ValueError, match="K/N"):
+        shard_samples(samples, "3/3")
+
+
 def _record(method, ranks, task, index, score, ids):
     return dict(length=4096, method=method, ranks=ranks, task=task, index=index, score=score, output_ids=ids)
 

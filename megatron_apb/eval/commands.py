@@ -17,6 +17,14 @@ def _int_list(text: str):
     return values
 
 
+def shard_samples(samples, shard: str):
+    """This job's part of ``samples`` for ``--shard K/N``: every N-th from the K-th, in
+    index-major order (stable: lengths and tasks keep their order within an index), so that
+    a run cut short has covered every task and length about equally."""
+    k, n = _shard(shard)
+    return sorted(samples, key=lambda s: s.index)[k::n]
+
+
 def _shard(text: str):
     try:
         k, n = (int(v) for v in text.split("/"))
@@ -91,8 +99,7 @@ def _cmd_eval(args) -> int:
         raise ValueError(f"{args.model}: no tokenizer found next to the weights")
     methods = eval_methods(base, [m for m in args.modes.split(",") if m], compressors, rt.cp)
     samples = _samples(args, tokenizer, log)
-    k, n = _shard(args.shard)
-    samples = samples[k::n]
+    samples = shard_samples(samples, args.shard)
     if log:
         log(f"{len(samples)} samples x {len(methods)} methods ({', '.join(m.name for m in methods)}) "
             f"on {rt.world} process(es), TP={rt.tp} x CP={rt.cp}")
