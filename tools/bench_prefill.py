@@ -5,9 +5,10 @@ the prefill (embedding + layers, no logits: what the generation engine runs), an
 tokens/s, peak memory, a kernel-time breakdown (attention / matmul / communication /
 scoring / other, from the CUDA profiler) and, for APB, the communication time that is not
 hidden (prefill with communication minus prefill with the gathers replaced by local copies).
+Mode ``torch_cp`` is PyTorch's own context parallelism (``tools/torch_cp_peer.py``).
 
     torchrun --nproc-per-node 4 tools/bench_prefill.py --lengths 32768 131072 \
-        --modes exact ulysses star apb --out results/prefill_cp4.json
+        --modes exact ulysses star apb torch_cp --out results/prefill_cp4.json
     python tools/bench_prefill.py --lengths 32768 131072 --modes exact --hf --out results/prefill_1gpu.json
 """
 
@@ -83,6 +84,16 @@ def categorize(prof, world_steps):
     return totals
 
 
+def top_kernels(prof, n):
+    """The ``n`` CUDA kernels with the most time: [name (shortened), ms, calls]."""
+    rows = []
+    for evt in prof.key_averages():
+        t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if evt.device_type == torch.autograd.DeviceType.CUDA and t:
+            rows.append([evt.key[:90], round(t / 1e3, 3), evt.count])
+    return sorted(rows, key=lambda r: -r[1])[:n]
+
+
 def time_prefill(engine, doc, query, iters, warmup):
     times = []
     for i in range(warmup + iters):
@@ -154,6 +165,12 @@ def run_ours(args, rt):
                 ms = categorize(prof, 1)
                 per_rank = [None] * rt.world
                 dist.all_gather_object(per_rank, ms)
+                top = [None] * rt.world
+                dist.all_gather_object(top, top_kernels(prof, args.top_kernels))
+                row["top_kernels_by_rank"] = top
+                if args.trace:
+                    os.makedirs(args.trace, exist_ok=True)
+                    prof.export_chrome_trace(os.path.join(args.trace, f"{mode}_{n}_rank{rt.rank}.json.gz"))
                 # rank 0's (as before) and every rank's: the last CP rank is the critical path
                 row["kernel_ms"] = ms
                 row["kernel_ms_per_layer"] = {k: v / layers for k, v in ms.items()}
@@ -161,6 +178,42 @@ def run_ours(args, rt):
             results.append(row)
             _log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
                              if k not in ("times_s",)}))
+    return results
+
+
+def run_torch_cp(args, rt):
+    """PyTorch's own context parallelism (ring attention) on a plain-PyTorch model of the same
+    shape; checked against the one-GPU forward before it is timed."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from torch_cp_peer import build_peer, check_peer, time_peer
+
+    if rt.tp != 1:
+        _log("torch_cp: skipped (PyTorch's context_parallel peer runs without TP)")
+        return []
+    mesh = init_device_mesh("cuda", (rt.world,))
+    model = build_peer(SHAPES[args.shape], args.layers)
+    results = []
+    for backend in args.torch_cp_backends:
+        try:
+            err = check_peer(model, mesh, args.torch_cp_check_len, args.torch_cp_rotate, backend)
+        except Exception as exc:  # e.g. a backend that does not support the shape
+            _log(f"torch_cp {backend}: check failed ({type(exc).__name__}: {exc})")
+            continue
+        _log(f"torch_cp {backend}: context-parallel vs one-GPU output, max rel. error {err:.2e}")
+        for n in args.lengths:
+            torch.cuda.reset_peak_memory_stats()
+            median, times = time_peer(model, mesh, n, args.iters, args.warmup, args.torch_cp_rotate, backend)
+            peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30], device="cuda")
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+            row = dict(mode="torch_cp", length=n, world=rt.world, tp=1, cp=rt.world, shape=args.shape,
+                       layers=len(model.layers), prefill_s=median, times_s=times, tokens_per_s=n / median,
+                       peak_mem_gib=peak.item(), sdpa_backend=backend, rotate=args.torch_cp_rotate,
+                       check_len=args.torch_cp_check_len, check_max_rel_err=err)
+            results.append(row)
+            _log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "times_s"}))
+    del model
+    torch.cuda.empty_cache()
     return results
 
 
@@ -219,7 +272,8 @@ def main():
     p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     p.add_argument("--layers", type=int, help="fewer layers than the shape has (quick runs)")
     p.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
-    p.add_argument("--modes", nargs="+", default=["exact", "ulysses", "star", "apb"])
+    p.add_argument("--modes", nargs="*", default=["exact", "ulysses", "star", "apb"],
+                   help="ours: exact ulysses star apb; torch_cp: PyTorch's context_parallel peer; none: only --hf")
     p.add_argument("--hf", action="store_true", help="also time HF transformers on one GPU")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--compressor", default="query_attention")
@@ -232,6 +286,13 @@ def main():
     p.add_argument("--breakdown", action="store_true", help="profile one prefill per case")
     p.add_argument("--decode", type=int, default=0, help="also time this many decode steps")
     p.add_argument("--decode-mode", default="apb", help="mode whose decoding is timed")
+    p.add_argument("--torch-cp-backends", nargs="+", default=["cudnn", "flash"],
+                   help="SDPA kernels for mode torch_cp (PyTorch's context_parallel peer)")
+    p.add_argument("--torch-cp-rotate", default="allgather", choices=["allgather", "alltoall"])
+    p.add_argument("--torch-cp-check-len", type=int, default=16384,
+                   help="tokens of the torch_cp check against one GPU")
+    p.add_argument("--top-kernels", type=int, default=12, help="with --breakdown: kernels listed per rank")
+    p.add_argument("--trace", help="with --breakdown: write each rank's profiler trace (.json.gz) here")
     p.add_argument("--out", help="JSON file to write (rank 0)")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -242,7 +303,11 @@ def main():
     results = []
     if args.hf and rt.world == 1:
         results += run_hf(args)
-    if args.modes:
+    ours = [m for m in args.modes if m != "torch_cp"]
+    if "torch_cp" in args.modes and rt.world > 1:
+        results += run_torch_cp(args, rt)
+    if ours:
+        args.modes = ours
         results += run_ours(args, rt)
     if rt.rank == 0 and args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
