@@ -201,6 +201,25 @@ def test_report_means_spread_and_exact_agreement():
     assert "| 4096 | 2 | exact | 3 | 2 (66.7%) | 3 (100.0%) |" in text
 
 
+def test_paired_differences_against_full_and_star():
+    recs = []
+    for i, (full, star, apb) in enumerate([(100, 0, 100), (0, 0, 100), (100, 100, 0)]):
+        recs += [_record("full", 1, "vt", i, full, [i]), _record("star", 4, "vt", i, star, [i]),
+                 _record("apb-random", 4, "vt", i, apb, [i])]
+    recs.append(_record("apb-random", 4, "niah_multikey_1", 0, 50.0, [0]))  # no baseline: ignored
+    d = report.paired_differences(recs)
+    mean, se, n = d[(4096, 4, "apb-random")]["full"]
+    # differences 0, +100, -100 on vt: mean 0, sd 100, s.e. 100/sqrt(3)
+    assert (mean, n) == (0.0, 3) and se == pytest.approx(100 / 3 ** 0.5)
+    # +100, +100, -100 against star: mean 33.3, sd 115.5, s.e. 66.7
+    assert d[(4096, 4, "apb-random")]["star"][:2] == (pytest.approx(100 / 3), pytest.approx(200 / 3))
+    assert d[(4096, 4, "star")]["full"][0] == pytest.approx(-100 / 3)
+    assert "star" not in d[(4096, 4, "star")]
+    assert report.paired_differences(recs, ("cwe",)) == {}
+    text = report.markdown_report(recs, common_only=False)
+    assert "| 4096 | 4 | apb-random | +0.0 ± 57.7 | +33.3 ± 66.7 |" in text
+
+
 @needs_material
 @needs_smollm2
 def test_token_budgets_with_the_smollm2_tokenizer():

@@ -94,8 +94,67 @@ def exact_agreement(records: Iterable[dict]) -> Dict[Tuple[int, int, str], Tuple
     return {k: tuple(v) for k, v in out.items()}
 
 
+def _task_average(per_task: Dict[str, List[float]]) -> Tuple[float, float, int]:
+    """Mean over tasks (equal weights) of per-task means, its standard error, and the
+    number of samples."""
+    stats = [_mean_se(v) for v in per_task.values()]
+    mean = sum(m for m, _ in stats) / len(stats)
+    se = math.sqrt(sum((s if s == s else 0.0) ** 2 for _, s in stats)) / len(stats)
+    return mean, se, sum(len(v) for v in per_task.values())
+
+
+TASK_GROUPS = {"all tasks": None, "multi-key": ("niah_multikey_1", "niah_multikey_2", "niah_multikey_3"), "vt": ("vt",)}
+
+
+def paired_differences(records: Iterable[dict], tasks: Sequence[str] = None) -> Dict:
+    """Score differences on the same samples: ``{(length, ranks, method): {"full": (mean,
+    se, n), "star": (mean, se, n)}}`` for every approximate method (``star`` and ``apb-*``),
+    against the single-process ``full`` run and against ``star`` at the same rank count.
+
+    Each task's mean difference over the samples both answered, averaged over tasks with
+    equal weights; the standard error is that of the paired differences (much smaller than
+    the spread of either column when both fail and succeed on the same prompts).  ``tasks``:
+    only these tasks (e.g. the multi-key ones)."""
+    by_key = {}
+    for r in records:
+        if tasks is None or r["task"] in tasks:
+            by_key[(r["length"], 1 if r["method"] == "full" else r["ranks"], r["method"], r["task"], r["index"])] = r["score"]
+    diffs = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for (length, ranks, method, task, index), score in by_key.items():
+        if method != "star" and not method.startswith("apb"):
+            continue
+        for base, base_key in (("full", (length, 1, "full")), ("star", (length, ranks, "star"))):
+            other = by_key.get(base_key + (task, index))
+            if other is not None and base != method:
+                diffs[(length, ranks, method)][base][task].append(score - other)
+    return {key: {base: _task_average(per_task) for base, per_task in bases.items()}
+            for key, bases in diffs.items()}
+
+
+def _differences_table(records) -> List[str]:
+    groups = {name: paired_differences(records, tasks) for name, tasks in TASK_GROUPS.items()}
+    keys = sorted(groups["all tasks"], key=lambda k: (k[0], k[1], _column_key((k[1], k[2]))))
+    if not keys:
+        return []
+    lines = ["Differences in points on the same samples (± s.e. of the paired difference):\n"]
+    head = [f"vs {base} ({group})" for group in TASK_GROUPS for base in ("full", "star")]
+    lines.append("| length | ranks | method | " + " | ".join(head) + " |")
+    lines.append("| ---: | ---: | --- |" + " ---: |" * len(head))
+    for key in keys:
+        cells = []
+        for group in TASK_GROUPS:
+            for base in ("full", "star"):
+                stat = groups[group].get(key, {}).get(base)
+                cells.append("" if stat is None else f"{stat[0]:+.1f} ± {stat[1]:.1f}")
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
 def markdown_report(records: Sequence[dict], *, common_only: bool = True) -> str:
-    """Markdown: one table per length (tasks x methods), then exact-vs-full agreement.
+    """Markdown: one table per length (tasks x methods), the paired differences of the
+    approximate methods against full attention and Star (:func:`paired_differences`), then
+    exact-vs-full agreement.
 
     ``common_only``: score only the samples every column of a length answered (runs cut
     short by a time limit then still compare like with like)."""
@@ -123,6 +182,7 @@ def markdown_report(records: Sequence[dict], *, common_only: bool = True) -> str
         avg = [summary[length][c]["average"] for c in cols]
         lines.append("| **average** (± s.e.) | " + " | ".join(f"**{m:.1f}** ± {s:.1f}" for m, s in avg) + " |")
         lines.append("")
+    lines += _differences_table(records)
     agree = exact_agreement(all_records)
     if agree:
         lines.append("Exact context parallelism against the single-process run (same samples):\n")
