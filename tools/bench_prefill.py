@@ -245,7 +245,7 @@ def run_hf(args):
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)
         median = statistics.median(times)
-        row = dict(mode="hf_sdpa_1gpu", length=n, world=1, prefill_s=median, times_s=times,
+        row = dict(mode="hf_sdpa_1gpu", length=n, world=1, shape=args.shape, prefill_s=median, times_s=times,
                    tokens_per_s=n / median, peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30)
         if args.decode:
             with torch.no_grad():
