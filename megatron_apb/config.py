@@ -48,6 +48,9 @@ class APBConfig:
         backend: attention kernel: ``"auto"`` or one of ``sdpa``, ``cudnn``, ``flash``,
             ``efficient``, ``flex``, ``math``, ``reference`` (see ``ops.attention``).
         seed: seed of the ``random`` compressor.
+        fused_rope: apply the rotary embedding as one compiled kernel on CUDA
+            (:func:`megatron_apb.ops.fused.fused_rope`) instead of PyTorch's chain of
+            kernels; non-interleaved, whole-head rotary only (otherwise the chain runs).
     """
 
     mode: str = "apb"
@@ -62,6 +65,7 @@ class APBConfig:
     smoothing_kernel: int = 5
     backend: str = "auto"
     seed: int = 0
+    fused_rope: bool = False
 
     def __post_init__(self):
         _one_of("mode", self.mode, MODES)
@@ -77,6 +81,8 @@ class APBConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise APBConfigError(f"{name} must lie in [0, 1], got {value!r}")
+        if not isinstance(self.fused_rope, bool):
+            raise APBConfigError(f"fused_rope must be True or False, got {self.fused_rope!r}")
         if self.query_prefix_len < 0:
             raise APBConfigError(f"query_prefix_len must be >= 0, got {self.query_prefix_len}")
         if self.smoothing_kernel < 1 or self.smoothing_kernel % 2 == 0:

@@ -181,3 +181,39 @@ def check_references(rank, world):
     weights = {k: v for k, v in native.state_dict().items() if isinstance(v, torch.Tensor)}
     errors["simulation"] = (full_attention_logits(weights, _shape(native), doc) - want).abs().max().item()
     return errors
+
+
+def fused_vs_plain(rank, world, n_doc):
+    """Logits of the full forward and tokens of a generation, with the fused RMSNorm and
+    RoPE against Megatron's local norm and the unfused rotary chain (same weights)."""
+    _setup()
+    from megatron_apb import APBConfig
+    from megatron_apb.inference import APBEngine, SamplingConfig
+    from megatron_apb.megatron import build_gpt_model, rank_grid_groups, tiny_transformer_config
+    from megatron_apb.megatron.norms import FusedRMSNorm
+
+    pg = rank_grid_groups(1, world)
+    out = {}
+    for name, fused in (("plain", False), ("fused", True)):
+        cfg = APBConfig(mode="exact", fused_rope=fused)
+        torch.manual_seed(0)
+        model = build_gpt_model(tiny_transformer_config(context_parallel_size=world), cfg, vocab_size=VOCAB,
+                                max_sequence_length=1024, pg_collection=pg, parallel_output=False,
+                                fused_norm=fused).eval()
+        if fused:
+            assert sum(isinstance(m, FusedRMSNorm) for m in model.modules()) == 2 * model.config.num_layers
+            params = dict(model.named_parameters())
+            assert params.keys() == state.keys()  # the same parameter names
+            with torch.no_grad():
+                for k, v in state.items():
+                    params[k].copy_(v)
+        else:
+            state = {k: v.detach().clone() for k, v in model.named_parameters()}
+        doc, query = _prompt(n_doc, 3, seed=2)
+        with torch.no_grad():
+            logits = model(torch.cat([doc, query])[None], None, None)[0].float() if world == 1 else None
+        engine = APBEngine(model, cfg, cp_group=pg.cp, tp_group=pg.tp, vocab_size=VOCAB)
+        tokens = engine.generate(doc, query, SamplingConfig(max_new_tokens=6)).output_ids
+        out[name] = (logits, tokens)
+    err = None if world > 1 else (out["plain"][0] - out["fused"][0]).abs().max().item()
+    return err, out["plain"][1], out["fused"][1]

@@ -77,6 +77,30 @@ def test_apb_attention_two_x_rule(backend):
     assert err <= 2 * pt_err, (backend, err, pt_err)
 
 
+@pytest.mark.parametrize("rows", [1, 40961])  # a decode step; a last-rank prefill (odd size)
+def test_compiled_fused_norm_and_rope_two_x_rule(rows):
+    import torch.nn.functional as F
+
+    from megatron_apb.megatron.rope import apply_rope
+    from megatron_apb.ops.fused import fused_rms_norm, fused_rope
+
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    x = (torch.randn(rows, 1, 4096, device="cuda", generator=g) * 2).bfloat16()
+    w = torch.randn(4096, device="cuda", generator=g).bfloat16()
+    ref = F.rms_norm(x.double(), (4096,), w.double(), 1e-5)
+    err = (fused_rms_norm(x, w, 1e-5).double() - ref).abs().max().item()
+    pt_err = (F.rms_norm(x, (4096,), w, 1e-5).double() - ref).abs().max().item()
+    assert err <= 2 * pt_err, (err, pt_err)
+    q = torch.randn(1, rows, 32, 128, device="cuda", generator=g).bfloat16()
+    inv = 1.0 / 500000 ** (torch.arange(0, 128, 2, device="cuda").double() / 128)
+    angles = (torch.arange(rows, device="cuda").double() + 70000)[:, None] * inv[None]
+    freqs = torch.cat([angles, angles], -1).float()
+    ref = apply_rope(q.double(), freqs.double())
+    err = (fused_rope(q, freqs).double() - ref).abs().max().item()
+    pt_err = (apply_rope(q, freqs).double() - ref).abs().max().item()
+    assert err <= 2 * pt_err, (err, pt_err)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2+ GPUs")
 def test_distributed_modes_over_nccl():
     from tests.distributed import run_distributed

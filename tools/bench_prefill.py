@@ -48,7 +48,7 @@ def _log(*a):
         print(*a, flush=True)
 
 
-def build(shape, apb_config, rt, layers=None):
+def build(shape, apb_config, rt, layers=None, fused=False):
     from megatron_apb.megatron import build_gpt_model, tiny_transformer_config
 
     s = dict(SHAPES[shape])
@@ -58,9 +58,10 @@ def build(shape, apb_config, rt, layers=None):
     cfg = tiny_transformer_config(
         **s, params_dtype=torch.bfloat16, bf16=True, use_cpu_initialization=False,
         perform_initialization=False, tensor_model_parallel_size=rt.tp, context_parallel_size=rt.cp,
+        bias_activation_fusion=fused,  # Megatron's compiled SwiGLU
     )
     model = build_gpt_model(cfg, apb_config, vocab_size=vocab, max_sequence_length=1 << 21,
-                            pg_collection=rt.pg, rotary_base=base, parallel_output=True)
+                            pg_collection=rt.pg, rotary_base=base, parallel_output=True, fused_norm=fused)
     gen = torch.Generator(device="cuda").manual_seed(1234 + rt.tp_rank)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -123,7 +124,7 @@ def run_ours(args, rt):
     from megatron_apb.inference import APBEngine
 
     results = []
-    model = build(args.shape, APBConfig(mode="exact"), rt, args.layers)
+    model = build(args.shape, APBConfig(mode="exact"), rt, args.layers, fused=args.fused)
     layers = model.config.num_layers
     for n in args.lengths:
         doc = torch.randint(0, 100000, (n,), generator=torch.Generator().manual_seed(n))
@@ -131,7 +132,7 @@ def run_ours(args, rt):
         for mode in args.modes:
             cfg = APBConfig(mode=mode, compressor=args.compressor, backend=args.backend,
                             anchor_ratio=args.anchor_ratio, passing_ratio=args.passing_ratio,
-                            query_prefix_len=16)
+                            query_prefix_len=16, fused_rope=args.fused)
             engine = APBEngine(model, cfg, cp_group=rt.pg.cp, tp_group=rt.pg.tp, vocab_size=128000)
             torch.cuda.reset_peak_memory_stats()
             try:
@@ -146,7 +147,7 @@ def run_ours(args, rt):
             dist.all_reduce(peak_all, op=dist.ReduceOp.MAX)
             row = dict(mode=mode, length=n, world=rt.world, tp=rt.tp, cp=rt.cp, shape=args.shape,
                        layers=layers, prefill_s=median, times_s=times, tokens_per_s=n / median,
-                       peak_mem_gib=peak_all.item(), backend=args.backend)
+                       peak_mem_gib=peak_all.item(), backend=args.backend, fused=args.fused)
             if mode in ("apb", "exact") and rt.cp > 1:  # communication not hidden
                 comm.SKIP_COMMUNICATION_FOR_BENCHMARK = True
                 try:
@@ -281,6 +282,8 @@ def main():
     p.add_argument("--anchor-ratio", type=float, default=0.25)
     p.add_argument("--passing-ratio", type=float, default=0.125)
     p.add_argument("--query-len", type=int, default=32)
+    p.add_argument("--fused", action="store_true",
+                   help="fused RMSNorm, RoPE and SwiGLU (one compiled kernel each) in our model")
     p.add_argument("--iters", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--breakdown", action="store_true", help="profile one prefill per case")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine: GPU tests, the attention-kernel benchmark and the prefill benchmarks.
 #   OUT=results/h200x4 bash tools/run_gpu_suite.sh [stage ...]
-# Stages: tests attention cp long single (default: all).  Each stage has a time limit so one
+# Stages: tests attention cp long single peer tp2cp2 fused grid (default: the first five).  Each stage has a time limit so one
 # failure cannot eat the machine's time.  NVLink multicast stays off (shared hosts).
 set -u
 OUT=${OUT:-results/gpu}
@@ -12,12 +12,13 @@ CP_LENGTHS=${CP_LENGTHS:-"32768 131072"}
 SINGLE_LENGTHS=${SINGLE_LENGTHS:-"32768 131072"}
 LONG_LENGTHS=${LONG_LENGTHS:-"524288"}
 stages=${*:-tests attention cp long single}
+TR="torchrun --standalone --nproc-per-node $NG"
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/log.txt"; }
 for stage in $stages; do
   case $stage in
     tests)
       log "GPU tests on $NG GPUs"
-      timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -x tests/test_gpu.py ${TEST_ARGS:-} 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt" ;;
+      timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q tests/test_gpu.py ${TEST_ARGS:-} 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt" ;;
     attention)
       log "attention kernels"
       timeout 120 python3 tools/bench_attention.py --out "$OUT/attention.json" 2>&1 | tail -12 | tee -a "$OUT/log.txt" ;;
@@ -35,6 +36,31 @@ for stage in $stages; do
       log "prefill on 1 GPU: $SINGLE_LENGTHS"
       timeout ${SINGLE_TIMEOUT:-240} python3 tools/bench_prefill.py --lengths $SINGLE_LENGTHS \
         --modes exact --hf --decode 20 --decode-mode exact --out "$OUT/prefill_1gpu.json" 2>&1 | grep -v Warning | tail -10 | tee -a "$OUT/log.txt" ;;
+    peer)
+      log "PyTorch context_parallel peer and APB, profiled per rank"
+      timeout ${PEER_TIMEOUT:-240} $TR tools/bench_prefill.py --lengths $CP_LENGTHS --modes torch_cp apb \
+        --iters 2 --warmup 1 --breakdown --top-kernels 15 --out "$OUT/prefill_cp${NG}_peer.json" 2>&1 \
+        | grep -E "^\{|torch_cp|rror" | cut -c1-300 | tee -a "$OUT/log.txt" ;;
+    tp2cp2)
+      log "TP2 x CP$((NG / 2)), ${TP_SHAPE:-qwen2.5-14b} shape"
+      timeout ${TP_TIMEOUT:-300} $TR tools/bench_prefill.py --shape ${TP_SHAPE:-qwen2.5-14b} --tp 2 \
+        --lengths $CP_LENGTHS --modes exact ulysses star apb --iters 1 --warmup 1 --breakdown \
+        --out "$OUT/prefill_tp2cp$((NG / 2))_${TP_SHAPE:-qwen2.5-14b}.json" 2>&1 | grep -E "^\{|rror" | cut -c1-300 | tee -a "$OUT/log.txt" ;;
+    fused)
+      log "before/after: fused RMSNorm, RoPE, SwiGLU (same lengths, same call)"
+      for f in "" --fused; do
+        timeout ${FUSED_TIMEOUT:-200} $TR tools/bench_prefill.py --lengths ${FUSED_LENGTHS:-131072} --modes ulysses apb \
+          --iters 2 --warmup 1 --breakdown --top-kernels 15 $f --out "$OUT/prefill_cp${NG}_fused${f:+_on}.json" 2>&1 \
+          | grep -E "^\{|rror" | cut -c1-300 | tee -a "$OUT/log.txt"
+      done ;;
+    grid)
+      log "the rest of the grid: 64K, exact at 256K/512K, 1M"
+      timeout ${GRID_TIMEOUT:-420} $TR tools/bench_prefill.py --lengths 65536 --modes exact ulysses star apb torch_cp \
+        --out "$OUT/prefill_cp${NG}_64k.json" 2>&1 | grep -E "^\{|rror" | cut -c1-300 | tee -a "$OUT/log.txt"
+      timeout ${GRID_TIMEOUT:-420} $TR tools/bench_prefill.py --lengths 262144 524288 --modes exact --iters 1 --warmup 0 \
+        --out "$OUT/prefill_cp${NG}_long_exact.json" 2>&1 | grep -E "^\{|rror" | cut -c1-300 | tee -a "$OUT/log.txt"
+      timeout ${GRID_TIMEOUT:-420} $TR tools/bench_prefill.py --lengths 1048576 --modes apb --iters 1 --warmup 0 \
+        --out "$OUT/prefill_cp${NG}_1m.json" 2>&1 | grep -E "^\{|rror|memory" | cut -c1-300 | tee -a "$OUT/log.txt" ;;
   esac
 done
 log done

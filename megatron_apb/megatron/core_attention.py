@@ -30,6 +30,7 @@ from ..compress import (
     smooth_scores,
 )
 from ..config import APBConfig, APBConfigError, CPLayout
+from ..ops.fused import fused_rope
 from ..parallel import (
     apb_context_attention,
     decode_attention,
@@ -197,8 +198,7 @@ class APBCoreAttention(MegatronModule):
         q, k, v = (t.transpose(0, 1) for t in (query, key, value))
         if self.rotary_table is not None:
             freqs = table_rows(self.rotary_table, positions, 1, seq)
-            q = apply_rope(q, freqs, self.rotary_interleaved)
-            k = apply_rope(k, freqs, self.rotary_interleaved)
+            q, k = self._rope(q, freqs), self._rope(k, freqs)
         cache = self.kv_cache
         if cache.owner:
             cache.append(self.layer_number, k, v)
@@ -251,7 +251,12 @@ class APBCoreAttention(MegatronModule):
             return q, k
         positions = rope_positions(layout, rank, device=q.device)
         freqs = table_rows(self.rotary_table, positions, cp, q.shape[1])
-        return apply_rope(q, freqs, self.rotary_interleaved), apply_rope(k, freqs, self.rotary_interleaved)
+        return self._rope(q, freqs), self._rope(k, freqs)
+
+    def _rope(self, x, freqs):
+        if self.apb_config.fused_rope and not self.rotary_interleaved and freqs.shape[-1] == x.shape[-1]:
+            return fused_rope(x, freqs)
+        return apply_rope(x, freqs, self.rotary_interleaved)
 
     def _scores(self, q_pre, k_pre, v, q, k, layout, rank):
         """Smoothed float32 scores [b, block, kv_heads] of this rank's block rows."""

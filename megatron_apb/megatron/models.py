@@ -60,13 +60,15 @@ def build_gpt_model(
     max_sequence_length: int,
     pg_collection=None,
     base_spec=None,
+    fused_norm: bool = False,
     **gpt_kwargs,
 ):
     """A Megatron ``GPTModel`` with APB attention, ready for context parallelism.
 
     ``gpt_kwargs`` go to ``GPTModel`` (e.g. ``rotary_base``, ``rope_scaling``,
     ``share_embeddings_and_output_weights``, ``parallel_output``);
-    ``position_embedding_type`` defaults to ``'rope'``.
+    ``position_embedding_type`` defaults to ``'rope'``.  ``fused_norm``: see
+    :func:`~megatron_apb.megatron.spec.get_gpt_layer_apb_spec`.
     """
     from megatron.core.models.gpt import GPTModel
 
@@ -75,6 +77,7 @@ def build_gpt_model(
         base_spec,
         normalization=transformer_config.normalization,
         qk_layernorm=getattr(transformer_config, "qk_layernorm", False),
+        fused_norm=fused_norm,
     )
     gpt_kwargs.setdefault("position_embedding_type", "rope")
     if pg_collection is not None:

@@ -1,0 +1,62 @@
+"""Elementwise chains of the transformer layer, each fused into one kernel on CUDA.
+
+Without Transformer Engine or Apex, Megatron's local layer runs RMSNorm and the rotary
+embedding as chains of PyTorch kernels (RMSNorm: square, mean, rsqrt, two products and two
+casts; RoPE: a negation, a concatenation, two products and a sum), each a full pass over a
+``[tokens, hidden]`` activation.  Here each chain is one function that ``torch.compile``
+turns into a single kernel on CUDA (arithmetic in float32, one read and one write);
+elsewhere (CPU) the same function runs eagerly, so the math is tested everywhere.
+
+References: ``torch.nn.functional.rms_norm`` and
+:func:`megatron_apb.megatron.rope.apply_rope` (the unfused chains).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def _rms_norm_math(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.float()).to(x.dtype)
+
+
+def _rope_math(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # x [b, s, h, d]; cos/sin float32 [s, d] (both halves, as Megatron's table)
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (xf * cos[None, :, None, :] + rotated * sin[None, :, None, :]).to(x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(name: str):
+    fn = {"rms_norm": _rms_norm_math, "rope": _rope_math}[name]
+    return torch.compile(fn, dynamic=True)
+
+
+def _run(name, x, *args):
+    if x.is_cuda:
+        return _compiled(name)(x, *args)
+    return {"rms_norm": _rms_norm_math, "rope": _rope_math}[name](x, *args)
+
+
+def fused_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """``x * rsqrt(mean(x**2, -1) + eps) * weight`` in float32, returned in x's dtype."""
+    return _run("rms_norm", x, weight, eps)
+
+
+def fused_rope(x: Tensor, freqs: Tensor) -> Tensor:
+    """Rotate x [b, s, heads, d] (non-interleaved halves) by angles freqs [s, d]."""
+    if freqs.shape[-1] != x.shape[-1]:
+        raise ValueError(
+            f"fused_rope rotates the whole head ({x.shape[-1]}), got rotary dim {freqs.shape[-1]}; "
+            "use megatron_apb.megatron.rope.apply_rope for partial rotary embeddings"
+        )
+    angles = freqs.to(x.device).float()
+    return _run("rope", x, angles.cos(), angles.sin())
