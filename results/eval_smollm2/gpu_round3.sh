@@ -49,4 +49,4 @@ wait "$suite_a"
 cp /tmp/heads/train_log.json "$OUT/" 2>/dev/null
 cp /tmp/heads/heads.safetensors "$OUT/" 2>/dev/null
 tar czf "$OUT/r3.tgz" -C "$work" --exclude=report.md .
-tail -2 "$work"/*.out
+tail -n 2 "$work"/*.out
