@@ -13,6 +13,8 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from tests.distributed import error_message
+
 
 def _setup():
     warnings.filterwarnings("ignore")
@@ -80,13 +82,6 @@ def check_logits(rank, world, tp, cp, cases, error_checks=False):
     return out
 
 
-def _message(fn):
-    try:
-        fn()
-    except Exception as exc:  # the test inspects type and message
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
 
 def _error_checks(path, pg, tp_rank, tp):
     """Outcomes of load_into_model on mismatched models and with retaining heads."""
@@ -101,16 +96,16 @@ def _error_checks(path, pg, tp_rank, tp):
     # the model has a layer the checkpoint lacks
     deeper = dataclasses.replace(spec, num_layers=spec.num_layers + 1)
     model = _build(deeper, pg)
-    out["missing_layer"] = _message(lambda: load_into_model(model, state, spec, tp_rank, tp))
+    out["missing_layer"] = error_message(lambda: load_into_model(model, state, spec, tp_rank, tp))
     # the model's MLP is wider than the checkpoint's
     wider = dataclasses.replace(spec, ffn_hidden_size=spec.ffn_hidden_size * 2)
     model = _build(wider, pg)
-    out["wider_mlp"] = _message(lambda: load_into_model(model, state, spec, tp_rank, tp))
+    out["wider_mlp"] = error_message(lambda: load_into_model(model, state, spec, tp_rank, tp))
     # retaining heads: model has them, checkpoint does not
     apb = APBConfig(mode="apb", compressor="retaining_head", retaining_head_hidden=16)
     model = _build(spec, pg, apb)
-    out["heads_missing"] = _message(lambda: load_into_model(model, state, spec, tp_rank, tp))
-    out["heads_missing_allowed"] = _message(
+    out["heads_missing"] = error_message(lambda: load_into_model(model, state, spec, tp_rank, tp))
+    out["heads_missing_allowed"] = error_message(
         lambda: load_into_model(model, state, spec, tp_rank, tp, allow_missing_retaining_heads=True)
     )
     # ... and with full retaining heads in the checkpoint: each rank holds its shard

@@ -13,6 +13,16 @@ import traceback
 import torch.multiprocessing as mp
 
 
+def error_message(fn):
+    """``"Type: message"`` of the exception ``fn()`` raises, or None: for workers to report
+    errors that the test then inspects."""
+    try:
+        fn()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -12,6 +12,8 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from tests.distributed import error_message
+
 VOCAB = 128
 
 
@@ -199,22 +201,15 @@ def check_training(pg, out_dir):
     )
 
     # errors: a heads file without layer 1, a width that does not fit, resuming at another width
-    def message(fn):
-        try:
-            fn()
-        except Exception as exc:  # the test inspects type and message
-            return f"{type(exc).__name__}: {exc}"
-        return None
-
     full = read_retaining_heads(os.path.join(out_dir, "resumed", "heads.safetensors"))
     no_layer = os.path.join(out_dir, "no_layer1.safetensors")
     save_retaining_heads(no_layer, {0: full[0]})
-    out["missing_layer"] = message(lambda: load_retaining_heads(build_retaining_heads(model, hidden=32), no_layer))
-    out["hidden_mismatch"] = message(
+    out["missing_layer"] = error_message(lambda: load_retaining_heads(build_retaining_heads(model, hidden=32), no_layer))
+    out["hidden_mismatch"] = error_message(
         lambda: load_retaining_heads(build_retaining_heads(model, hidden=16), os.path.join(out_dir, "resumed", "heads.safetensors")))
-    out["resume_hidden_mismatch"] = message(
+    out["resume_hidden_mismatch"] = error_message(
         lambda: RetainingHeadTrainer(model, TrainConfig(steps=8, hidden=16)).resume(os.path.join(out_dir, "resumed")))
-    out["resume_missing"] = message(lambda: RetainingHeadTrainer(model, config).resume(os.path.join(out_dir, "nowhere")))
+    out["resume_missing"] = error_message(lambda: RetainingHeadTrainer(model, config).resume(os.path.join(out_dir, "nowhere")))
     return out
 
 

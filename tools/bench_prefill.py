@@ -72,13 +72,18 @@ def build(shape, apb_config, rt, layers=None, fused=False):
     return model.cuda().eval()
 
 
+def _kernel_times(prof):
+    """(event, microseconds) of every CUDA kernel in the profile."""
+    for evt in prof.key_averages():
+        t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if evt.device_type == torch.autograd.DeviceType.CUDA and t:
+            yield evt, t
+
+
 def categorize(prof, world_steps):
     totals = {c: 0.0 for c, _ in CATEGORIES}
     totals["other"] = 0.0
-    for evt in prof.key_averages():
-        t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
-        if evt.device_type != torch.autograd.DeviceType.CUDA or not t:
-            continue
+    for evt, t in _kernel_times(prof):
         name = evt.key.lower()
         cat = next((c for c, keys in CATEGORIES if any(k in name for k in keys)), "other")
         totals[cat] += t / 1e3 / world_steps  # ms per prefill
@@ -87,11 +92,7 @@ def categorize(prof, world_steps):
 
 def top_kernels(prof, n):
     """The ``n`` CUDA kernels with the most time: [name (shortened), ms, calls]."""
-    rows = []
-    for evt in prof.key_averages():
-        t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
-        if evt.device_type == torch.autograd.DeviceType.CUDA and t:
-            rows.append([evt.key[:90], round(t / 1e3, 3), evt.count])
+    rows = [[evt.key[:90], round(t / 1e3, 3), evt.count] for evt, t in _kernel_times(prof)]
     return sorted(rows, key=lambda r: -r[1])[:n]
 
 

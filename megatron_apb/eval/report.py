@@ -71,11 +71,16 @@ def summarize(records: Iterable[dict]) -> Dict:
         out[length].setdefault(col, {"tasks": {}})["tasks"][task] = (*_mean_se(vals), len(vals))
     for length, cols in out.items():
         for col, d in cols.items():
-            stats = list(d["tasks"].values())
-            mean = sum(m for m, _, _ in stats) / len(stats)
-            se = math.sqrt(sum((s if s == s else 0.0) ** 2 for _, s, _ in stats)) / len(stats)
-            d["average"] = (mean, se)
+            d["average"] = _over_tasks([(m, s) for m, s, _ in d["tasks"].values()])
     return out
+
+
+def _over_tasks(stats: List[Tuple[float, float]]) -> Tuple[float, float]:
+    """Mean over tasks (equal weights) of per-task (mean, s.e.), and its standard error
+    (a task with one sample, s.e. NaN, adds none)."""
+    mean = sum(m for m, _ in stats) / len(stats)
+    se = math.sqrt(sum((s if s == s else 0.0) ** 2 for _, s in stats)) / len(stats)
+    return mean, se
 
 
 def exact_agreement(records: Iterable[dict]) -> Dict[Tuple[int, int, str], Tuple[int, int, int]]:
@@ -95,11 +100,8 @@ def exact_agreement(records: Iterable[dict]) -> Dict[Tuple[int, int, str], Tuple
 
 
 def _task_average(per_task: Dict[str, List[float]]) -> Tuple[float, float, int]:
-    """Mean over tasks (equal weights) of per-task means, its standard error, and the
-    number of samples."""
-    stats = [_mean_se(v) for v in per_task.values()]
-    mean = sum(m for m, _ in stats) / len(stats)
-    se = math.sqrt(sum((s if s == s else 0.0) ** 2 for _, s in stats)) / len(stats)
+    """:func:`_over_tasks` of per-task values, and the number of samples."""
+    mean, se = _over_tasks([_mean_se(v) for v in per_task.values()])
     return mean, se, sum(len(v) for v in per_task.values())
 
 

@@ -114,11 +114,14 @@ class APBEngine:
             )
         return logits
 
-    def _broadcast_token(self, token: int) -> int:
-        if not dist.is_initialized() or dist.get_world_size(self.sample_group) == 1:
+    def _broadcast_token(self, token: int, group=None, src=None) -> int:
+        """The token of global rank ``src`` on every rank of ``group`` (default: the
+        sampling group and source): one sampler decides, even where logits agree."""
+        group, src = (self.sample_group, self.sample_src) if src is None else (group, src)
+        if not dist.is_initialized() or dist.get_world_size(group) == 1:
             return token
-        t = torch.tensor([token], dtype=torch.long, device=collective_device(self.sample_group or dist.group.WORLD, self.device))
-        dist.broadcast(t, src=self.sample_src, group=self.sample_group)
+        t = torch.tensor([token], dtype=torch.long, device=collective_device(group or dist.group.WORLD, self.device))
+        dist.broadcast(t, src=src, group=group)
         return int(t.item())
 
     def _barrier(self):
@@ -203,13 +206,10 @@ class APBEngine:
         return out, first_s, time.perf_counter() - decode_start
 
     def _tp_broadcast_token(self, token: int) -> int:
-        """The token of TP rank 0 on every rank of the TP group (identical logits, but one
-        sampler decides)."""
-        if self.tp_group is None or group_size(self.tp_group) == 1:
+        """TP rank 0's token on every rank of this rank's TP group."""
+        if group_size(self.tp_group) == 1:
             return token
-        t = torch.tensor([token], dtype=torch.long, device=collective_device(self.tp_group, self.device))
-        dist.broadcast(t, src=dist.get_global_rank(self.tp_group, 0), group=self.tp_group)
-        return int(t.item())
+        return self._broadcast_token(token, self.tp_group, dist.get_global_rank(self.tp_group, 0))
 
     def _decode_on_last_rank(self, cache, layout, query, n_doc, sampling):
         """Phase 2 on the last CP rank alone (its TP group), on the gathered caches; the

@@ -34,16 +34,16 @@ def _rope_math(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (xf * cos[None, :, None, :] + rotated * sin[None, :, None, :]).to(x.dtype)
 
 
+_MATH = {"rms_norm": _rms_norm_math, "rope": _rope_math}
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled(name: str):
-    fn = {"rms_norm": _rms_norm_math, "rope": _rope_math}[name]
-    return torch.compile(fn, dynamic=True)
+    return torch.compile(_MATH[name], dynamic=True)
 
 
 def _run(name, x, *args):
-    if x.is_cuda:
-        return _compiled(name)(x, *args)
-    return {"rms_norm": _rms_norm_math, "rope": _rope_math}[name](x, *args)
+    return (_compiled(name) if x.is_cuda else _MATH[name])(x, *args)
 
 
 def fused_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
