@@ -1,5 +1,10 @@
 """The fused RMSNorm and RoPE (ops.fused) against the unfused PyTorch chains they replace.
 
+Tolerances: in fp32 both compute the same formula, so 1e-5 covers summation order on
+values of order 1-10; in bf16, flash-attention's rule (the fused error against a float64
+reference at most 2x the unfused chain's), plus 1e-6 for the case where both round the
+same way and the chain's error is 0.
+
 On CPU the fused functions run eagerly (the math is checked here); on CUDA they are
 compiled, and tests/test_gpu.py checks the compiled kernels by the same rules.
 """
