@@ -48,9 +48,10 @@ class APBConfig:
         backend: attention kernel: ``"auto"`` or one of ``sdpa``, ``cudnn``, ``flash``,
             ``efficient``, ``flex``, ``math``, ``reference`` (see ``ops.attention``).
         seed: seed of the ``random`` compressor.
-        fused_rope: apply the rotary embedding as one compiled kernel on CUDA
-            (:func:`megatron_apb.ops.fused.fused_rope`) instead of PyTorch's chain of
-            kernels; non-interleaved, whole-head rotary only (otherwise the chain runs).
+        fused_rope: apply the rotary embedding as one kernel on CUDA
+            (:func:`megatron_apb.ops.fused.fused_rope`) instead of PyTorch's chain of five
+            kernels (on by default; the same math runs eagerly on CPU); non-interleaved,
+            whole-head rotary only (otherwise the chain runs).
     """
 
     mode: str = "apb"
@@ -65,7 +66,7 @@ class APBConfig:
     smoothing_kernel: int = 5
     backend: str = "auto"
     seed: int = 0
-    fused_rope: bool = False
+    fused_rope: bool = True
 
     def __post_init__(self):
         _one_of("mode", self.mode, MODES)

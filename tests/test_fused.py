@@ -63,6 +63,27 @@ def test_config_and_spec_validate_the_fused_options():
         get_gpt_layer_apb_spec(APBConfig(), normalization="LayerNorm", fused_norm=True)
 
 
+@pytest.mark.parametrize("normalization", ["RMSNorm", "LayerNorm"])
+def test_default_spec_fuses_rmsnorm_only(normalization):
+    """By default the spec fuses the norms of RMSNorm configs and leaves others to
+    Megatron, also when the spec is built before the config is known (Megatron-LM)."""
+    from megatron_apb import APBConfig
+    from megatron_apb.megatron import tiny_transformer_config
+    from megatron_apb.megatron.norms import FusedRMSNorm
+    from megatron_apb.megatron.spec import get_gpt_layer_apb_spec
+
+    assert APBConfig().fused_rope
+    config = tiny_transformer_config(normalization=normalization)
+    for name in ("input_layernorm", "pre_mlp_layernorm"):
+        norm = getattr(get_gpt_layer_apb_spec(APBConfig()).submodules, name)(config, 96, 1e-5)
+        if normalization == "RMSNorm":
+            assert isinstance(norm, FusedRMSNorm)
+        else:
+            assert isinstance(norm, torch.nn.LayerNorm)
+        plain = getattr(get_gpt_layer_apb_spec(APBConfig(), fused_norm=False).submodules, name)
+        assert type(plain(config, 96, 1e-5)) is not FusedRMSNorm
+
+
 @pytest.mark.parametrize("world", [1, 2])
 def test_model_with_fused_norm_and_rope_gives_the_same_answers(world):
     from tests.megatron_workers import fused_vs_plain

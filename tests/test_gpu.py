@@ -101,6 +101,60 @@ def test_compiled_fused_norm_and_rope_two_x_rule(rows):
     assert err <= 2 * pt_err, (err, pt_err)
 
 
+@pytest.mark.parametrize("backend", ["cudnn", "flash"])
+def test_native_gqa_matches_expanded_heads(backend):
+    """Where the kernel reads grouped KV heads itself, it gives the expanded call's result
+    on a prefill-sized input (the probe only checks a small one)."""
+    from megatron_apb.ops import attention as att
+
+    if not att.native_gqa(backend, "cuda"):
+        pytest.skip(f"{backend} on this build expands KV heads (probe said no)")
+    g = torch.Generator(device="cuda").manual_seed(2)
+    q = torch.randn(1, 4096, 32, 128, device="cuda", generator=g).bfloat16()
+    k = torch.randn(1, 6144, 8, 128, device="cuda", generator=g).bfloat16()
+    v = torch.randn(1, 6144, 8, 128, device="cuda", generator=g).bfloat16()
+    for causal in (True, False):
+        got, got_lse = att._fused_call(q, k, v, causal, 0.088, backend)
+        kk, vv = att._expand_kv(k, 32), att._expand_kv(v, 32)
+        want, want_lse = att._fused_call(q, kk, vv, causal, 0.088, backend)
+        assert (got.float() - want.float()).abs().max().item() <= 1e-2
+        assert (got_lse - want_lse).abs().max().item() <= 1e-3
+
+
+def test_triton_merge_and_rope_two_x_rule():
+    """The Triton kernels on strided views (as the layer hands them over) against float64,
+    within 2x the error of the same math in eager PyTorch."""
+    from megatron_apb.ops import triton_kernels
+    from megatron_apb.ops.fused import _rope_math
+    from megatron_apb.ops.merge import _merge_two, concat_merged
+
+    if not triton_kernels.HAVE_TRITON:
+        pytest.skip("Triton is not installed")
+    g = torch.Generator(device="cuda").manual_seed(3)
+    prefix = torch.randn(1, 1000, 32, 128, device="cuda", generator=g).bfloat16()
+    own = torch.randn(1, 32, 4001, 128, device="cuda", generator=g).bfloat16().transpose(1, 2)
+    ctx = torch.randn(1, 4001, 32, 128, device="cuda", generator=g).bfloat16()
+    lses = [torch.randn(1, 32, 4001, device="cuda", generator=g) * 3 for _ in range(2)]
+    lses[1][:, :, :7] = float("-inf")  # rows the second part does not cover
+    lses[0][:, 3, 0] = lses[1][:, 3, 0] = float("-inf")  # a row no part covers: zeros
+    parts = (own, lses[0], ctx, lses[1])
+    want = torch.cat([prefix.double(), _merge_two(*(t.double() for t in parts))[0]], 1)
+    eager = torch.cat([prefix, _merge_two(*parts)[0]], 1)
+    got = concat_merged(prefix, [own, ctx], lses)
+    err, eager_err = (got.double() - want).abs().max().item(), (eager.double() - want).abs().max().item()
+    assert got.shape == want.shape and err <= 2 * eager_err + 1e-6, (err, eager_err)
+    assert torch.all(got[:, 1000, 3] == 0)
+    # RoPE on a head slice of a fused QKV projection (non-contiguous rows)
+    qkv = torch.randn(1, 3001, 48, 128, device="cuda", generator=g).bfloat16()
+    q = qkv[:, :, :32]
+    angles = torch.randn(3001, 128, device="cuda", generator=g) * 50
+    cos, sin = angles.cos(), angles.sin()
+    want = _rope_math(q.double(), cos.double(), sin.double())
+    err = (triton_kernels.rope_triton(q, cos, sin).double() - want).abs().max().item()
+    eager_err = (_rope_math(q, cos, sin).double() - want).abs().max().item()
+    assert err <= 2 * eager_err + 1e-6, (err, eager_err)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2+ GPUs")
 def test_distributed_modes_over_nccl():
     from tests.distributed import run_distributed

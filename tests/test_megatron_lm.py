@@ -178,7 +178,7 @@ def test_apb_gpt_builder_from_megatron_lm_args():
 
     (r,) = run_distributed(builder_worker, 1, timeout=300)
     assert r["config"] == ("RMSNorm", True, 2, False)
-    assert r["apb"] and r["mode"] == "exact" and r["norm"] == "RMSNorm"
+    assert r["apb"] and r["mode"] == "exact" and r["norm"] == "FusedRMSNorm"  # the spec default fuses RMSNorm
     assert r["err"] < 1e-5 * max(1.0, r["scale"]), r  # CP = 1: APB 'exact' is plain causal attention
     assert r["lazy"] == ("MegatronLMAPBTransformerLayer", True, "star", 6, "LayerNorm", "LayerNorm")
 
@@ -304,7 +304,7 @@ def test_megatron_lm_spec_path_cpu(megatron_training, tmp_path):
                          "apb_query_tokens": 64}
     # gpt_builder -> import_module(args.spec) -> our object; the layers it built
     assert r["spec_is_hook"] and r["layer"] == "MegatronLMAPBTransformerLayer" and r["apb_layers"]
-    assert (r["mode"], r["norm"], r["linear_qkv"]) == ("exact", "RMSNorm", "ColumnParallelLinear")
+    assert (r["mode"], r["norm"], r["linear_qkv"]) == ("exact", "FusedRMSNorm", "ColumnParallelLinear")
     assert r["logits_shape"] == [48, 256] and r["finite"]
     # CP = 1: the same logits as Megatron-LM's default (local) spec with Megatron's attention
     assert r["plain_core_attention"] == "DotProductAttention"

@@ -366,6 +366,20 @@ def test_merge_all_empty_rows_stay_empty():
     assert torch.all(e_out == 0) and torch.all(e_lse == float("-inf")) and not e_out.isnan().any()
 
 
+@pytest.mark.parametrize("prefix_rows", [0, 3])
+def test_concat_merged_equals_cat_of_merge(prefix_rows):
+    """The rows the APB host returns: whole anchor rows, then its merged local rows."""
+    from megatron_apb.ops.merge import concat_merged
+
+    gen = torch.Generator().manual_seed(13)
+    prefix = _randn(1, prefix_rows, 2, 8, gen=gen)
+    outs = [_randn(1, 5, 2, 8, gen=gen) for _ in range(2)]
+    lses = [_randn(1, 2, 5, gen=gen) for _ in range(2)]
+    lses[1][:, :, 0] = float("-inf")  # a row the second part does not cover
+    want = torch.cat([prefix, merge_attention(outs, lses)[0]], dim=1)
+    assert torch.equal(concat_merged(prefix, outs, lses), want)
+
+
 def test_merge_rejects_mismatched_lists():
     with pytest.raises(ValueError, match="as many lse"):
         merge_attention([torch.zeros(1, 1, 1, 1)], [])

@@ -283,8 +283,9 @@ def main():
     p.add_argument("--anchor-ratio", type=float, default=0.25)
     p.add_argument("--passing-ratio", type=float, default=0.125)
     p.add_argument("--query-len", type=int, default=32)
-    p.add_argument("--fused", action="store_true",
-                   help="fused RMSNorm, RoPE and SwiGLU (one compiled kernel each) in our model")
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
+                   help="RMSNorm, RoPE and SwiGLU as one kernel each in our model (default); "
+                        "--no-fused: PyTorch's and Megatron's unfused chains")
     p.add_argument("--iters", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--breakdown", action="store_true", help="profile one prefill per case")

@@ -48,9 +48,9 @@ for stage in $stages; do
         --out "$OUT/prefill_tp2cp$((NG / 2))_${TP_SHAPE:-qwen2.5-14b}.json" 2>&1 | grep -E "^\{|rror" | cut -c1-300 | tee -a "$OUT/log.txt" ;;
     fused)
       log "before/after: fused RMSNorm, RoPE, SwiGLU (same lengths, same call)"
-      for f in "" --fused; do
+      for f in --no-fused --fused; do
         timeout ${FUSED_TIMEOUT:-200} $TR tools/bench_prefill.py --lengths ${FUSED_LENGTHS:-131072} --modes ulysses apb \
-          --iters 2 --warmup 1 --breakdown --top-kernels 15 $f --out "$OUT/prefill_cp${NG}_fused${f:+_on}.json" 2>&1 \
+          --iters 2 --warmup 1 --breakdown --top-kernels 15 $f --out "$OUT/prefill_cp${NG}_${f#--}.json" 2>&1 \
           | grep -E "^\{|rror" | cut -c1-300 | tee -a "$OUT/log.txt"
       done ;;
     grid)

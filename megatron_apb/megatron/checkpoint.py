@@ -204,7 +204,8 @@ class ModelSpec:
             activation_func=torch.nn.functional.silu,
             add_bias_linear=False,
             add_qkv_bias=self.qkv_bias,
-            bias_activation_fusion=False,
+            # Megatron's SwiGLU as one compiled kernel on GPU; eager on CPU (no compile)
+            bias_activation_fusion=torch.cuda.is_available(),
             use_cpu_initialization=True,
             params_dtype=dtype,
             bf16=dtype == torch.bfloat16,

@@ -60,7 +60,7 @@ def build_gpt_model(
     max_sequence_length: int,
     pg_collection=None,
     base_spec=None,
-    fused_norm: bool = False,
+    fused_norm: Optional[bool] = None,
     **gpt_kwargs,
 ):
     """A Megatron ``GPTModel`` with APB attention, ready for context parallelism.

@@ -22,3 +22,19 @@ class FusedRMSNorm(torch.nn.RMSNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fused_rms_norm(x, self.weight, self.eps)
+
+
+class RMSNormFusedWhenPossible:
+    """A layer-spec norm that builds :class:`FusedRMSNorm` when the layer's config asks for
+    RMSNorm, and Megatron's ``WrappedTorchNorm`` (whatever the config asks) otherwise.
+
+    The default of :func:`~megatron_apb.megatron.spec.get_gpt_layer_apb_spec`: the spec
+    is often built before the config is known (Megatron-LM's ``--spec``).
+    """
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+        if getattr(config, "normalization", "RMSNorm") == "RMSNorm":
+            return FusedRMSNorm(config, hidden_size, eps)
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        return WrappedTorchNorm(config, hidden_size, eps, **kwargs)

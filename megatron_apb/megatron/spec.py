@@ -34,7 +34,7 @@ def get_gpt_layer_apb_spec(
     *,
     normalization: str = "RMSNorm",
     qk_layernorm: bool = False,
-    fused_norm: bool = False,
+    fused_norm: Optional[bool] = None,
 ) -> ModuleSpec:
     """A GPT layer spec whose self-attention runs APB (or the mode in ``apb_config``).
 
@@ -44,7 +44,9 @@ def get_gpt_layer_apb_spec(
             spec when TE is installed, else its local spec, with ``normalization`` and
             ``qk_layernorm``.
         fused_norm: with Megatron's local spec and RMSNorm, use :class:`FusedRMSNorm`
-            (one kernel per norm on CUDA) for the layer's two norms.
+            (one kernel per norm on CUDA) for the layer's two norms.  ``None`` (default):
+            whenever the layer's config asks for RMSNorm; ``True``: required (error for
+            other norms); ``False``: Megatron's own norm.
     Returns:
         A copy of ``base_spec`` whose ``self_attention`` is :class:`APBSelfAttention` and
         whose ``core_attention`` is :class:`APBCoreAttention`.
@@ -70,13 +72,14 @@ def get_gpt_layer_apb_spec(
         raise ValueError("base_spec has no self_attention.submodules.core_attention to replace")
     attention.module = APBSelfAttention
     attention.submodules.core_attention = bind_core_attention(apb_config)
-    if fused_norm:
-        if normalization != "RMSNorm":
+    if fused_norm is not False:
+        if fused_norm and normalization != "RMSNorm":
             raise ValueError(f"fused_norm fuses RMSNorm; normalization is {normalization!r}")
-        from .norms import FusedRMSNorm
+        from .norms import FusedRMSNorm, RMSNormFusedWhenPossible
 
+        norm = FusedRMSNorm if fused_norm else RMSNormFusedWhenPossible
         for name in ("input_layernorm", "pre_mlp_layernorm"):
             current = getattr(spec.submodules, name, None)
             if current is not None and getattr(current, "__name__", "") == "WrappedTorchNorm":
-                setattr(spec.submodules, name, FusedRMSNorm)
+                setattr(spec.submodules, name, norm)
     return spec

@@ -240,11 +240,20 @@ def _bottom_right_by_parts(q, k, v, scale, backend):
 
 
 def _fused_attention(q, k, v, causal, scale, backend):
-    """PyTorch's fused kernels via the aten ops that expose the LSE (top-left causal)."""
+    """PyTorch's fused kernels via the aten ops that expose the LSE (top-left causal).
+
+    K and V keep their KV heads when the kernel reads grouped heads itself (see
+    :func:`native_gqa`); otherwise they are expanded to the query heads first.
+    """
+    h = q.shape[2]
+    if k.shape[2] != h and not native_gqa(backend, q.device):
+        k, v = _expand_kv(k, h), _expand_kv(v, h)
+    return _fused_call(q, k, v, causal, scale, backend)
+
+
+def _fused_call(q, k, v, causal, scale, backend):
     b, sq, h, _ = q.shape
-    qt = q.transpose(1, 2)
-    kt = _expand_kv(k, h).transpose(1, 2)
-    vt = _expand_kv(v, h).transpose(1, 2)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     aten = torch.ops.aten
     if backend == "sdpa":  # CPU
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt, 0.0, causal, scale=scale)
@@ -261,6 +270,47 @@ def _fused_attention(q, k, v, causal, scale, backend):
         out, lse = res[0], res[1]
     lse = lse.reshape(b, h, -1)[:, :, :sq]  # cuDNN: [b, h, s, 1]; efficient pads s
     return out.transpose(1, 2), lse.float()
+
+
+# Fused kernels that read grouped KV heads without the expansion copy, per device:
+# established once by comparing against the expanded call on a small input.
+_GQA_NATIVE_BACKENDS = ("cudnn", "flash")
+_NATIVE_GQA = {}
+
+
+def native_gqa(backend: str, device) -> bool:
+    """Whether ``backend``'s aten kernel on ``device`` takes K/V with fewer heads than Q.
+
+    cuDNN's and flash's kernels index KV head ``h // group`` themselves in recent PyTorch
+    builds; older builds reject the shapes.  The answer is measured, not assumed: a small
+    grouped call must run and match the expanded call (same kernel) to 1e-3, else the
+    heads are expanded as before.
+    """
+    device = torch.device(device)
+    if backend not in _GQA_NATIVE_BACKENDS or device.type != "cuda":
+        return False
+    key = (backend, device.index if device.index is not None else torch.cuda.current_device())
+    if key not in _NATIVE_GQA:
+        _NATIVE_GQA[key] = _probe_native_gqa(backend, device)
+    return _NATIVE_GQA[key]
+
+
+def _probe_native_gqa(backend, device) -> bool:
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(1, 192, 8, 64, device=device, generator=g, dtype=torch.bfloat16)
+    k = torch.randn(1, 256, 2, 64, device=device, generator=g, dtype=torch.bfloat16)
+    v = torch.randn(1, 256, 2, 64, device=device, generator=g, dtype=torch.bfloat16)
+    try:
+        for causal in (True, False):
+            got, got_lse = _fused_call(q, k, v, causal, 0.125, backend)
+            want, want_lse = _fused_call(q, _expand_kv(k, 8), _expand_kv(v, 8), causal, 0.125, backend)
+            if (got.float() - want.float()).abs().max().item() > 1e-3:
+                return False
+            if (got_lse - want_lse).abs().max().item() > 1e-3:
+                return False
+    except RuntimeError:
+        return False
+    return True
 
 
 def _flex_attention(q, k, v, causal, scale):

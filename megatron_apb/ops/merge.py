@@ -29,7 +29,7 @@ def merge_attention(
     if len(outs) == 1:
         return outs[0], lses[0].float()
     if len(outs) == 2 and outs[0].is_cuda:
-        return _merge_two_fused()(outs[0], lses[0], outs[1], lses[1])
+        return _compiled("merge_two")(outs[0], lses[0], outs[1], lses[1])
     lse_stack = torch.stack([l.float() for l in lses])  # [n, b, h, s]
     lse = torch.logsumexp(lse_stack, dim=0)
     safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
@@ -48,15 +48,36 @@ def _merge_two(o1, l1, o2, l2):
     return (w1 * o1.float() + w2 * o2.float()).to(o1.dtype), lse
 
 
-_FUSED_MERGE = None
+def concat_merged(
+    prefix: torch.Tensor, outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """``cat([prefix, merge_attention(outs, lses)[0]], dim=1)``: rows computed whole
+    (``prefix``) followed by rows merged from parts, as one [batch, rows, heads, dim] tensor.
+
+    On GPU with two parts the merge is one Triton kernel writing straight into the result
+    after the prefix rows (no separate merge output, no concatenation pass).
+    """
+    from . import triton_kernels
+
+    if len(outs) == 2 and triton_kernels.usable(outs[0], outs[1]):
+        b, p, h, d = prefix.shape
+        out = outs[0].new_empty((b, p + outs[0].shape[1], h, d))
+        out[:, :p].copy_(prefix)
+        triton_kernels.merge_two_into(out[:, p:], outs[0], lses[0], outs[1], lses[1])
+        return out
+    merged = merge_attention(outs, lses)[0]
+    return merged if prefix.shape[1] == 0 else torch.cat([prefix, merged], dim=1)
 
 
-def _merge_two_fused():
-    """:func:`_merge_two` compiled into one kernel on GPU (eager if compilation fails)."""
-    global _FUSED_MERGE
-    if _FUSED_MERGE is None:
+_FUSED = {"merge_two": _merge_two}
+_COMPILED = {}
+
+
+def _compiled(name):
+    """``_FUSED[name]`` compiled into one kernel on GPU (eager if compilation fails)."""
+    if name not in _COMPILED:
         try:
-            _FUSED_MERGE = torch.compile(_merge_two, dynamic=True)
+            _COMPILED[name] = torch.compile(_FUSED[name], dynamic=True)
         except Exception:  # no compiler toolchain: the eager version is still exact
-            _FUSED_MERGE = _merge_two
-    return _FUSED_MERGE
+            _COMPILED[name] = _FUSED[name]
+    return _COMPILED[name]

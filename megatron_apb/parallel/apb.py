@@ -21,7 +21,7 @@ from ..comm import all_gather_async, group_rank, group_size
 from ..compress import select_passing
 from ..config import CPLayout
 from ..ops.attention import attention_with_lse
-from ..ops.merge import merge_attention
+from ..ops.merge import concat_merged
 
 Tensor = torch.Tensor
 Scorer = Callable[[], Tensor]  # () -> float32 [batch, block_len, kv_heads]
@@ -77,13 +77,13 @@ def apb_context_attention(
             pk, pv = blocks.chunk(2, dim=-1)
             context_k.append(pk), context_v.append(pv)
     if not context_k:
-        return torch.cat([anchor[0], own[0]], dim=1)
-    # anchor and passing block in one unmasked call, then one merge with the own block
+        return own[0] if la == 0 else torch.cat([anchor[0], own[0]], dim=1)
+    # anchor and passing block in one unmasked call, then one merge with the own block,
+    # written straight after the anchor rows
     ctx = attention_with_lse(
         ql, torch.cat(context_k, dim=1), torch.cat(context_v, dim=1), causal=False, **kw
     )
-    local, _ = merge_attention([own[0], ctx[0]], [own[1], ctx[1]])
-    return torch.cat([anchor[0], local], dim=1)
+    return concat_merged(anchor[0], [own[0], ctx[0]], [own[1], ctx[1]])
 
 
 def _compressed_block(q, k, v, la, passing, rank, world, scorer):
