@@ -173,9 +173,8 @@ def _math_attention(q, k, v, causal, scale):
 
 
 # Decoding: a few query rows against a long cache.  Fused kernels parallelize over query
-# blocks and heads only (a handful of thread blocks walking the whole cache) and need the
-# KV heads expanded to the query heads; two batched matmuls per KV head group read the
-# cache once, with no copy.
+# blocks and heads only (a handful of thread blocks walking the whole cache); two batched
+# matmuls per KV head group read the cache once, with no copy.
 _SMALL_QUERY_ROWS = 64
 _FLEX_MIN_ROWS = 128
 _SMALL_QUERY_SCORES = 1 << 28  # fp32 score elements (1 GiB)
