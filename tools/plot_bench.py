@@ -1,6 +1,7 @@
 """Plot prefill benchmark JSONs (tools/bench_prefill.py) as seconds per length and mode,
 one panel per model shape.  When files repeat a (mode, GPUs, length), the later file wins,
-so list older runs first.
+so list older runs first.  Our model's runs without the fused kernels are labelled
+"unfused" (also files written before ``--fused`` existed).
 
     python tools/plot_bench.py results/h200x4/prefill_cp4_before.json results/h200x4/prefill_*.json \
         --out results/h200x4/prefill.png
@@ -27,6 +28,8 @@ def _label(row):
     tp, world = row.get("tp", 1), row.get("world", 1)
     gpus = f"TP{tp}×CP{world // tp}" if tp > 1 else f"{world} GPU"
     mode = row["mode"] + (f" {row['sdpa_backend']}" if row.get("sdpa_backend") else "")
+    if "backend" in row and not row.get("fused"):  # our model before the fused kernels
+        mode += " unfused"
     return f"{mode} ({gpus})"
 
 
