@@ -24,12 +24,12 @@ for stage in $stages; do
       timeout 120 python3 tools/bench_attention.py --out "$OUT/attention.json" 2>&1 | tail -12 | tee -a "$OUT/log.txt" ;;
     cp)
       log "prefill on $NG GPUs: $CP_LENGTHS"
-      timeout ${CP_TIMEOUT:-300} torchrun --standalone --nproc-per-node "$NG" tools/bench_prefill.py \
+      timeout ${CP_TIMEOUT:-300} $TR tools/bench_prefill.py \
         --lengths $CP_LENGTHS --modes exact ulysses star apb --breakdown --decode 20 ${BENCH_ARGS:-} \
         --out "$OUT/prefill_cp$NG.json" 2>&1 | grep -v Warning | tail -20 | tee -a "$OUT/log.txt" ;;
     long)
       log "prefill on $NG GPUs, long: $LONG_LENGTHS (one timed run each)"
-      timeout ${LONG_TIMEOUT:-240} torchrun --standalone --nproc-per-node "$NG" tools/bench_prefill.py \
+      timeout ${LONG_TIMEOUT:-240} $TR tools/bench_prefill.py \
         --lengths $LONG_LENGTHS --modes apb star ulysses --iters 1 --warmup 0 \
         --out "$OUT/prefill_cp${NG}_long.json" 2>&1 | grep -v Warning | tail -8 | tee -a "$OUT/log.txt" ;;
     single)

@@ -7,9 +7,12 @@ Computed in float32; parts with ``lse = -inf`` (no keys) contribute nothing.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence, Tuple
 
 import torch
+
+from . import triton_kernels
 
 
 def merge_attention(
@@ -29,7 +32,7 @@ def merge_attention(
     if len(outs) == 1:
         return outs[0], lses[0].float()
     if len(outs) == 2 and outs[0].is_cuda:
-        return _compiled("merge_two")(outs[0], lses[0], outs[1], lses[1])
+        return _merge_two_compiled()(outs[0], lses[0], outs[1], lses[1])
     lse_stack = torch.stack([l.float() for l in lses])  # [n, b, h, s]
     lse = torch.logsumexp(lse_stack, dim=0)
     safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
@@ -57,8 +60,6 @@ def concat_merged(
     On GPU with two parts the merge is one Triton kernel writing straight into the result
     after the prefix rows (no separate merge output, no concatenation pass).
     """
-    from . import triton_kernels
-
     if len(outs) == 2 and triton_kernels.usable(outs[0], outs[1]):
         b, p, h, d = prefix.shape
         out = outs[0].new_empty((b, p + outs[0].shape[1], h, d))
@@ -69,15 +70,10 @@ def concat_merged(
     return merged if prefix.shape[1] == 0 else torch.cat([prefix, merged], dim=1)
 
 
-_FUSED = {"merge_two": _merge_two}
-_COMPILED = {}
-
-
-def _compiled(name):
-    """``_FUSED[name]`` compiled into one kernel on GPU (eager if compilation fails)."""
-    if name not in _COMPILED:
-        try:
-            _COMPILED[name] = torch.compile(_FUSED[name], dynamic=True)
-        except Exception:  # no compiler toolchain: the eager version is still exact
-            _COMPILED[name] = _FUSED[name]
-    return _COMPILED[name]
+@functools.lru_cache(maxsize=None)
+def _merge_two_compiled():
+    """:func:`_merge_two` compiled into one kernel on GPU (eager if compilation fails)."""
+    try:
+        return torch.compile(_merge_two, dynamic=True)
+    except Exception:  # no compiler toolchain: the eager version is still exact
+        return _merge_two
