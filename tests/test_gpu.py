@@ -117,6 +117,8 @@ def test_native_gqa_matches_expanded_heads(backend):
         got, got_lse = att._fused_call(q, k, v, causal, 0.088, backend)
         kk, vv = att._expand_kv(k, 32), att._expand_kv(v, 32)
         want, want_lse = att._fused_call(q, kk, vv, causal, 0.088, backend)
+        # the same kernel may order its accumulation differently: about one bf16 rounding
+        # step of outputs of magnitude ~1 (7.8e-3), and float32 noise in the LSE
         assert (got.float() - want.float()).abs().max().item() <= 1e-2
         assert (got_lse - want_lse).abs().max().item() <= 1e-3
 
