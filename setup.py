@@ -19,6 +19,7 @@ setup(
         "megatron-core>=0.16.1,<0.20",
         "numpy",
         "safetensors",
+        "tqdm",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout"],

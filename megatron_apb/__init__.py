@@ -4,7 +4,9 @@ Top-level names are imported lazily so that ``import megatron_apb`` stays cheap 
 attention math works without Megatron-Core installed.
 """
 
-from .config import APBConfig, APBConfigError, CPLayout
+from ._lazy import lazy_getattr
+from .config import APBConfig, CPLayout
+from .errors import APBConfigError, APBError
 from .ops import apb_attention, attention_with_lse, merge_attention
 
 __version__ = "0.1.0"
@@ -12,6 +14,7 @@ __version__ = "0.1.0"
 __all__ = [
     "APBConfig",
     "APBConfigError",
+    "APBError",
     "CPLayout",
     "apb_attention",
     "attention_with_lse",
@@ -20,9 +23,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name):
-    if name == "get_gpt_layer_apb_spec":
-        from .megatron.spec import get_gpt_layer_apb_spec
-
-        return get_gpt_layer_apb_spec
-    raise AttributeError(f"module 'megatron_apb' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, {"get_gpt_layer_apb_spec": ".megatron.spec"})

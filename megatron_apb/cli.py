@@ -1,64 +1,94 @@
-"""The ``megatron-apb`` command line."""
+"""The ``megatron-apb`` command line.
+
+Building the parser imports neither Megatron-Core nor transformers, so ``--help``,
+``info``, ``eval-report`` and ``convert-heads`` stay quick; the model-running commands load
+them when they start.  Errors the package raises on purpose (:class:`~megatron_apb.errors.APBError`)
+end in ``megatron-apb: error: ...`` and exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import importlib.util
+import json
+import os
 import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from . import __version__
+from . import inference  # lazy package: APBEngine (Megatron-Core) loads on first use
+from .config import DTYPES, parse_dtype
+from .data import passkey_prompt, tokenize_prompt
+from .errors import APBConfigError, APBError, CheckpointError, PeerRankError
+from .eval.commands import add_eval_parsers
+from .inference.launch import (
+    add_apb_args,
+    add_runtime_args,
+    apb_config_from_args,
+    init_runtime,
+    load_model,
+    quiet_warnings,
+)
+from .inference.sampling import SamplingConfig
+from .registry import ALGORITHMS
+from .training.commands import add_training_parsers
+
+#: optional packages ``info`` reports: module -> distribution
+_OPTIONAL = {
+    "flash_attn": "flash-attn", "transformer_engine": "transformer-engine", "triton": "triton",
+    "transformers": "transformers", "deepspeed": "deepspeed",
+}
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
 
 
 def _cmd_info(args) -> int:
-    """Versions and the attention backends available on this machine."""
-    import torch
-
-    import megatron_apb
-
-    print(f"megatron_apb {megatron_apb.__version__}")
+    """Versions and the optional packages installed on this machine (none is imported)."""
+    print(f"megatron_apb {__version__}")
     print(f"torch {torch.__version__} (cuda available: {torch.cuda.is_available()})")
-    try:
-        import megatron.core
-
-        print(f"megatron-core {megatron.core.__version__}")
-    except ImportError:
+    if importlib.util.find_spec("megatron") is not None and _version("megatron-core") != "?":
+        print(f"megatron-core {_version('megatron-core')}")
+    else:
         print("megatron-core: not installed")
-    for name in ("flash_attn", "transformer_engine", "triton", "transformers", "deepspeed"):
-        try:
-            module = __import__(name)
-            print(f"{name} {getattr(module, '__version__', '?')}")
-        except Exception:
-            print(f"{name}: not installed (optional)")
+    for module, distribution in _OPTIONAL.items():
+        if importlib.util.find_spec(module) is None:
+            print(f"{module}: not installed (optional)")
+        else:
+            print(f"{module} {_version(distribution)}")
     return 0
 
 
 def _cmd_generate(args) -> int:
     """Distributed generation: APB (or another mode's) prefill, exact decoding."""
-    import json
-
-    import torch.distributed as dist
-
-    from .inference import APBEngine, SamplingConfig
-    from .inference.launch import apb_config_from_args, init_runtime, load_model
-    from .inference.prompts import passkey_prompt, tokenize_prompt
-
+    compressor = "retaining_head" if args.heads else "query_attention"
+    apb_config = apb_config_from_args(args, compressor=compressor)
+    if apb_config.compressor_entry.needs_retaining_heads and not args.heads:
+        raise APBConfigError("--compressor retaining_head needs trained heads: pass --heads PATH")
     rt = init_runtime(args.tp, args.dtype)
     log = (lambda msg: print(msg, flush=True)) if rt.is_main else None
     say = log or (lambda msg: None)
-    compressor = args.compressor or ("retaining_head" if args.heads else "query_attention")
-    if compressor == "retaining_head" and not args.heads:
-        raise ValueError("--compressor retaining_head needs trained heads: pass --heads PATH")
-    apb_config = apb_config_from_args(args, mode=args.cp_mode, compressor=compressor)
-    if apb_config.mode == "apb" and not args.heads:
+    if apb_config.passes_blocks and not args.heads:
         say("no retaining heads given (--heads): APB uses the training-free query-attention compressor")
     say(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'} on {rt.world} process(es): "
         f"TP={rt.tp} x CP={rt.cp}, {str(rt.dtype).replace('torch.', '')} on {rt.device.type}")
     model, spec, tokenizer, apb_config = load_model(args.model, apb_config, rt, heads=args.heads)
     if tokenizer is None:
-        raise ValueError(f"{args.model}: no tokenizer found next to the weights")
+        raise CheckpointError(f"{args.model}: no tokenizer found next to the weights")
     expected = None
     if args.document_file:
         with open(args.document_file, encoding="utf-8") as f:
             document = f.read()
         if args.question is None:
-            raise ValueError("--document-file needs --question")
+            raise APBConfigError("--document-file needs --question")
         question = args.question
     else:
         document, question, expected = passkey_prompt(tokenizer, args.haystack_tokens, seed=args.seed)
@@ -72,7 +102,7 @@ def _cmd_generate(args) -> int:
         temperature=args.temperature, top_p=args.top_p, seed=args.seed,
         max_new_tokens=args.max_new_tokens, stop_ids=stops,
     )
-    engine = APBEngine(
+    engine = inference.APBEngine(
         model, apb_config, cp_group=rt.pg.cp, tp_group=rt.pg.tp, vocab_size=spec.vocab_size,
         pad_id=tokenizer.pad_token_id or 0, progress=log,
     )
@@ -84,7 +114,7 @@ def _cmd_generate(args) -> int:
         result = engine.generate(prompt.document_ids, prompt.query_ids, sampling)
         text = tokenizer.decode(result.output_ids, skip_special_tokens=True).strip()
         runs.append(dict(
-            mode=mode, compressor=engine.config.compressor if mode == "apb" else None,
+            mode=mode, compressor=engine.config.compressor if engine.config.passes_blocks else None,
             layout=result.layout, text=text, output_ids=result.output_ids,
             prefill_s=result.prefill_s, time_to_first_token_s=result.time_to_first_token_s,
             decode_tokens_per_s=result.decode_tokens_per_s,
@@ -106,50 +136,43 @@ def _cmd_generate(args) -> int:
 
 
 def _add_generate(sub):
-    from .inference.launch import add_apb_args, add_runtime_args
-
     p = sub.add_parser(
         "generate",
         help="answer a question about a long document on TP x CP processes (torchrun)",
         description="Run under torchrun: CP = processes / --tp. With no --model, the embedded "
-        "SmolLM2-135M-Instruct; with no --document-file, a built-in pass-key retrieval prompt.",
+        "SmolLM2-135M-Instruct; with no --document-file, a built-in pass-key retrieval prompt. "
+        "--compressor defaults to retaining_head with --heads, else query_attention; "
+        "--query-prefix-len to the chat template's header.",
     )
     p.add_argument("--model", help="HF directory, .gguf file or converted checkpoint")
     p.add_argument("--document-file", help="text file with the document")
     p.add_argument("--question", help="the question (required with --document-file)")
-    p.add_argument("--cp-mode", default="apb", choices=["apb", "star", "exact", "ulysses"])
-    p.add_argument("--compare", nargs="*", choices=["apb", "star", "exact", "ulysses"],
+    p.add_argument("--compare", nargs="*", choices=ALGORITHMS.names(),
                    help="also run these modes on the same prompt and weights")
-    add_apb_args(p)
-    p.add_argument("--compressor", choices=["retaining_head", "query_attention", "random"])
     p.add_argument("--heads", help="trained retaining heads (safetensors, reference layout)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed and the built-in prompt's pass key")
     add_runtime_args(p)
     p.add_argument("--haystack-tokens", type=int, default=6000,
                    help="length of the built-in pass-key retrieval document")
     p.add_argument("--output-json", help="write prompt ids, output ids, text and timings here")
+    add_apb_args(p)
     p.set_defaults(func=_cmd_generate)
 
 
 def _cmd_convert(args) -> int:
     """Convert an HF directory or GGUF file once into a fast-loading checkpoint."""
-    import time
-
-    import torch
-
-    from .inference.launch import quiet_warnings
-    from .megatron.checkpoint import default_model_path, load_hf_checkpoint, save_converted
+    # local: the checkpoints package imports Megatron-Core; building the parser must not
+    from .checkpoints import default_model_path, load_hf_checkpoint, save_converted
 
     quiet_warnings()
     start = time.perf_counter()
     source = args.model or default_model_path()
     print(f"reading {source}", flush=True)
     spec, state, tokenizer = load_hf_checkpoint(source)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
-    out = save_converted(args.output, spec, state, tokenizer=tokenizer, dtype=dtype)
+    out = save_converted(args.output, spec, state, tokenizer=tokenizer, dtype=parse_dtype(args.dtype))
     print(f"wrote {out} ({spec.model_type}, {spec.num_layers} layers) in "
           f"{time.perf_counter() - start:.1f} s", flush=True)
     return 0
@@ -159,7 +182,7 @@ def _add_convert(sub):
     p = sub.add_parser("convert", help="convert an HF directory or GGUF file to a fast-loading checkpoint")
     p.add_argument("--model", help="HF directory or .gguf file (default: the embedded SmolLM2)")
     p.add_argument("--output", required=True, help="directory to write")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="store weights in this dtype")
+    p.add_argument("--dtype", choices=list(DTYPES), help="store weights in this dtype")
     p.set_defaults(func=_cmd_convert)
 
 
@@ -173,11 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_cmd_info)
     _add_generate(sub)
     _add_convert(sub)
-    from .eval.commands import add_eval_parsers
-
     add_eval_parsers(sub)
-    from .training.commands import add_training_parsers
-
     add_training_parsers(sub)
     return parser
 
@@ -187,11 +206,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as exc:  # APBConfigError too
-        import os
-
+    except (APBError, ValueError, FileNotFoundError) as exc:  # ValueError: errors of other libraries
         rank = int(os.environ.get("RANK", "0"))
-        if rank == 0 or "another context-parallel rank" not in str(exc):
+        # a PeerRankError only says that another rank failed: that rank prints the cause
+        if rank == 0 or not isinstance(exc, PeerRankError):
             prefix = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
             print(f"megatron-apb: error: {prefix}{exc}", file=sys.stderr, flush=True)
         return 2

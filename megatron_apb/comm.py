@@ -51,18 +51,18 @@ class PendingGather:
         return self._out
 
 
-# Benchmarks only: replace gathers by local copies to measure how much communication time
-# is not hidden (prefill time with communication minus without).  Results are then wrong.
-SKIP_COMMUNICATION_FOR_BENCHMARK = False
+def all_gather_async(x: Tensor, group, *, local_only: bool = False) -> PendingGather:
+    """Start gathering ``x`` (same shape on every rank) over ``group``.
 
-
-def all_gather_async(x: Tensor, group) -> PendingGather:
-    """Start gathering ``x`` (same shape on every rank) over ``group``."""
+    ``local_only`` (benchmarks only): every slot gets this rank's ``x``, with no
+    communication, to measure how much communication time is not hidden (prefill time
+    with communication minus without); results are then wrong.
+    """
     world = group_size(group)
     x = x.detach().contiguous()
     if world == 1:
         return PendingGather(x.unsqueeze(0), None)
-    if SKIP_COMMUNICATION_FOR_BENCHMARK:
+    if local_only:
         return PendingGather(x.unsqueeze(0).expand((world,) + tuple(x.shape)).contiguous(), None)
     origin, wire = x.device, collective_device(group, x.device)
     x = x.to(wire)

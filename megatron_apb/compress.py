@@ -12,18 +12,30 @@ Scorers give one score per local token and KV head, float32 [batch, local_len, k
 
 Then :func:`smooth_scores` (max-pool along the sequence) and :func:`select_passing` keep
 the top ``passing_len`` tokens per KV head and gather their post-RoPE K and V.
+
+Each scorer is registered as a :class:`Compressor` in
+:data:`megatron_apb.registry.COMPRESSORS` under the name ``APBConfig.compressor`` takes;
+:func:`score_block` is the one place that scores a rank's block.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.nn.functional import all_reduce as _differentiable_all_reduce
+
+from .config import APBConfig, CPLayout
+from .registry import COMPRESSORS
 
 Tensor = torch.Tensor
+
+# Rows of the block's end used as the observation window when no query rows are known.
+FALLBACK_WINDOW = 16
 
 
 class RetainingHead(nn.Module):
@@ -115,9 +127,7 @@ def init_retaining_head_(head: "RetainingHead", *, seed, num_heads, num_kv_heads
 
 def _tp_sum(x, group):
     if x.requires_grad:
-        from torch.distributed.nn.functional import all_reduce
-
-        return all_reduce(x, group=group)
+        return _differentiable_all_reduce(x, group=group)
     x = x.clone()
     torch.distributed.all_reduce(x, group=group)
     return x
@@ -180,3 +190,96 @@ def select_passing(scores: Tensor, k: Tensor, v: Tensor, passing_len: int):
     idx = order[:, :n].sort(dim=1).values
     gather = idx[..., None].expand(b, n, kvh, k.shape[-1])
     return torch.gather(k, 1, gather), torch.gather(v, 1, gather), idx
+
+
+# --------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class ScoreInputs:
+    """What a scorer may read about one rank's block in one layer.
+
+    ``q_pre``/``k_pre``/``v``: pre-RoPE rows of the block only, [b, block, heads | kv, d];
+    ``q``/``k``: post-RoPE rows of the whole local input (anchor first), so
+    ``k[:, anchor_len:]`` are the block's keys; ``retaining_head``: the layer's
+    :class:`RetainingHead` (None unless the model was built with one).
+    """
+
+    q_pre: Tensor
+    k_pre: Tensor
+    v: Tensor
+    q: Tensor
+    k: Tensor
+    layout: CPLayout
+    rank: int
+    anchor_len: int
+    layer_number: int
+    num_kv_heads: int
+    softmax_scale: float
+    config: APBConfig
+    retaining_head: Optional[nn.Module] = None
+
+
+@dataclass(frozen=True)
+class Compressor:
+    """A registered scorer of passing tokens.
+
+    Attributes:
+        name: the ``APBConfig.compressor`` that selects it.
+        score: ``ScoreInputs -> float32 [b, block, kv_heads]`` (higher: more worth passing).
+        needs_retaining_heads: the model must be built with (trained) retaining heads.
+        needs_query_rows: it reads the query rows embedded in the anchor, so rank 0 holds
+            the anchor too (only for scoring).
+    """
+
+    name: str
+    score: Callable[[ScoreInputs], Tensor]
+    needs_retaining_heads: bool = False
+    needs_query_rows: bool = False
+    description: str = ""
+
+
+def register_compressor(compressor: Compressor, *, replace: bool = False) -> Compressor:
+    """Make ``compressor`` selectable as ``APBConfig(compressor=compressor.name)``."""
+    return COMPRESSORS.register(compressor, replace=replace)
+
+
+def score_block(inputs: ScoreInputs) -> Tensor:
+    """Smoothed float32 scores [b, block, kv_heads] of a rank's block rows, by the
+    compressor the config names."""
+    scores = inputs.config.compressor_entry.score(inputs)
+    return smooth_scores(scores, inputs.config.smoothing_kernel)
+
+
+def _retaining_head_score(x: ScoreInputs) -> Tensor:
+    if x.retaining_head is None:
+        raise ValueError(
+            "compressor='retaining_head' needs a model built with retaining heads: build it "
+            "with that compressor (and load trained heads)"
+        )
+    return x.retaining_head(x.q_pre, x.k_pre, x.v)
+
+
+def _query_attention_score(x: ScoreInputs) -> Tensor:
+    layout, la = x.layout, x.anchor_len
+    if layout.query_len > 0:
+        rows = x.q[:, layout.query_start : layout.query_start + layout.query_len]
+    elif la > 0:
+        rows = x.q[:, :la]
+    else:  # no anchor: the end of the block observes the rest (SnapKV's window)
+        rows = x.q[:, -min(FALLBACK_WINDOW, layout.block_len) :]
+    return query_attention_scores(rows, x.k[:, la:], x.softmax_scale)
+
+
+def _random_score(x: ScoreInputs) -> Tensor:
+    seed = x.config.seed + 7919 * x.layer_number + 104729 * x.rank
+    return random_scores(x.q.shape[0], x.layout.block_len, x.num_kv_heads, seed=seed, device=x.q.device)
+
+
+register_compressor(Compressor(
+    "retaining_head", _retaining_head_score, needs_retaining_heads=True,
+    description="trained scorer W2 SiLU(W1 [q;k;v]) (Locret's retaining heads)",
+))
+register_compressor(Compressor(
+    "query_attention", _query_attention_score, needs_query_rows=True,
+    description="training-free: attention the block's keys get from the query rows",
+))
+register_compressor(Compressor("random", _random_score, description="uniform random scores (ablation)"))

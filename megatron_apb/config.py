@@ -4,6 +4,13 @@
 compressor, backend).  `APBConfig.layout(...)` turns them into a `CPLayout` for a
 concrete prompt (block length, resolved anchor/passing lengths, where the query sits in
 the anchor), which is what the attention modules consume on every forward.
+
+Every field carries its help text in ``dataclasses.field(metadata=...)``: the command-line
+flags, the DeepSpeed ``"apb"`` keys and the Megatron-LM ``--apb-*`` flags and ``APB_*``
+variables are all generated from :func:`dataclasses.fields` (see
+:mod:`megatron_apb.configargs`), so a new field appears in every front-end at once.
+``mode`` and ``compressor`` are checked against the registries
+(:data:`megatron_apb.registry.ALGORITHMS`, :data:`~megatron_apb.registry.COMPRESSORS`).
 """
 
 from __future__ import annotations
@@ -12,13 +19,29 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-MODES = ("apb", "star", "exact", "ulysses")
-COMPRESSORS = ("retaining_head", "query_attention", "random")
+import torch
+
+from .errors import APBConfigError
+from .registry import ALGORITHMS, COMPRESSORS
+
+#: attention kernels of :func:`megatron_apb.ops.attention.attention_with_lse`
 BACKENDS = ("auto", "sdpa", "cudnn", "flash", "efficient", "flex", "math", "reference")
+#: the dtype names every command accepts
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class APBConfigError(ValueError):
-    """A configuration or input that cannot run; the message says what to change."""
+def parse_dtype(name: Optional[str], *, default: Optional[torch.dtype] = None) -> Optional[torch.dtype]:
+    """``"fp32" | "bf16" | "fp16"`` -> the torch dtype (``None`` -> ``default``)."""
+    if name is None:
+        return default
+    if name not in DTYPES:
+        raise APBConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def _option(default, help: str, **extra):
+    """A config field with its help text (and, for names, where its choices come from)."""
+    return dataclasses.field(default=default, metadata={"help": help, **extra})
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -54,61 +77,95 @@ class APBConfig:
             whole-head rotary only (otherwise the chain runs).
     """
 
-    mode: str = "apb"
-    anchor_len: Optional[int] = None
-    passing_len: Optional[int] = None
-    anchor_ratio: float = 0.25
-    passing_ratio: float = 0.125
-    query_in_anchor: bool = True
-    query_prefix_len: int = 16
-    compressor: str = "query_attention"
-    retaining_head_hidden: int = 1024
-    smoothing_kernel: int = 5
-    backend: str = "auto"
-    seed: int = 0
-    fused_rope: bool = True
+    mode: str = _option(
+        "apb", "context-parallel attention: apb, star, exact or ulysses", choices=ALGORITHMS)
+    anchor_len: Optional[int] = _option(None, "anchor tokens (default: anchor_ratio of the block)")
+    passing_len: Optional[int] = _option(
+        None, "passing tokens per rank and KV head (default: passing_ratio of the block)")
+    anchor_ratio: float = _option(0.25, "the default anchor's fraction of the block")
+    passing_ratio: float = _option(0.125, "the default passing length's fraction of the block")
+    query_in_anchor: bool = _option(True, "embed the query tokens in the anchor (apb)")
+    query_prefix_len: int = _option(16, "document tokens placed before the query in the anchor")
+    compressor: str = _option(
+        "query_attention", "how passing tokens are scored", choices=COMPRESSORS)
+    retaining_head_hidden: int = _option(1024, "width of the retaining head's hidden layer")
+    smoothing_kernel: int = _option(5, "max-pool width over the scores (odd; 1 disables it)")
+    backend: str = _option("auto", "attention kernel", choices=BACKENDS)
+    seed: int = _option(0, "seed of the random compressor and of fresh retaining heads")
+    fused_rope: bool = _option(True, "rotary embedding as one kernel on CUDA")
 
     def __post_init__(self):
-        _one_of("mode", self.mode, MODES)
-        _one_of("compressor", self.compressor, COMPRESSORS)
+        ALGORITHMS.get(self.mode)
+        COMPRESSORS.get(self.compressor)
         _one_of("backend", self.backend, BACKENDS)
+        for name in ("query_in_anchor", "fused_rope"):
+            if not isinstance(getattr(self, name), bool):
+                raise APBConfigError(f"{name} must be True or False, got {getattr(self, name)!r}", field=name)
+        for name in ("query_prefix_len", "smoothing_kernel", "retaining_head_hidden", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise APBConfigError(f"{name} must be an int, got {value!r}", field=name)
         for name in ("anchor_len", "passing_len"):
             value = getattr(self, name)
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int) or value < 0
             ):
-                raise APBConfigError(f"{name} must be a non-negative int or None, got {value!r}")
+                raise APBConfigError(f"{name} must be a non-negative int or None, got {value!r}", field=name)
         for name in ("anchor_ratio", "passing_ratio"):
             value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise APBConfigError(f"{name} must lie in [0, 1], got {value!r}")
-        if not isinstance(self.fused_rope, bool):
-            raise APBConfigError(f"fused_rope must be True or False, got {self.fused_rope!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise APBConfigError(f"{name} must lie in [0, 1], got {value!r}", field=name)
         if self.query_prefix_len < 0:
-            raise APBConfigError(f"query_prefix_len must be >= 0, got {self.query_prefix_len}")
+            raise APBConfigError(f"query_prefix_len must be >= 0, got {self.query_prefix_len}", field="query_prefix_len")
         if self.smoothing_kernel < 1 or self.smoothing_kernel % 2 == 0:
             raise APBConfigError(
                 f"smoothing_kernel must be an odd int >= 1 (1 disables smoothing), "
-                f"got {self.smoothing_kernel}"
+                f"got {self.smoothing_kernel}", field="smoothing_kernel"
             )
         if self.retaining_head_hidden < 1:
             raise APBConfigError(
-                f"retaining_head_hidden must be >= 1, got {self.retaining_head_hidden}"
+                f"retaining_head_hidden must be >= 1, got {self.retaining_head_hidden}",
+                field="retaining_head_hidden",
             )
-        if self.mode == "star" and self.passing_len not in (None, 0):
+        algorithm = self.algorithm
+        if algorithm.uses_anchor and not algorithm.passes_blocks and self.passing_len not in (None, 0):
             raise APBConfigError(
-                f"mode='star' passes no blocks, but passing_len={self.passing_len}; "
-                "use mode='apb' for passing blocks or leave passing_len unset"
+                f"mode={self.mode!r} passes no blocks, but passing_len={self.passing_len}; "
+                "use mode='apb' for passing blocks or leave passing_len unset",
+                field="passing_len",
             )
-        if self.mode in ("exact", "ulysses") and self.anchor_len not in (None, 0):
+        if not algorithm.uses_anchor and self.anchor_len not in (None, 0):
             raise APBConfigError(
                 f"mode={self.mode!r} is exact and uses no anchor, but anchor_len="
-                f"{self.anchor_len}; leave anchor_len unset or use mode='apb'/'star'"
+                f"{self.anchor_len}; leave anchor_len unset or use mode='apb'/'star'",
+                field="anchor_len",
             )
 
     @property
+    def algorithm(self):
+        """The registered distributed algorithm of ``mode`` (its traits and attention)."""
+        return ALGORITHMS.get(self.mode)
+
+    @property
+    def compressor_entry(self):
+        """The registered compressor of ``compressor``."""
+        return COMPRESSORS.get(self.compressor)
+
+    @property
     def uses_anchor(self) -> bool:
-        return self.mode in ("apb", "star")
+        """Whether ranks >= 1 prepend an anchor (apb, star)."""
+        return self.algorithm.uses_anchor
+
+    @property
+    def passes_blocks(self) -> bool:
+        """Whether ranks score their block and pass the top tokens on (apb)."""
+        return self.algorithm.passes_blocks
+
+    @property
+    def needs_retaining_heads(self) -> bool:
+        """Whether a forward needs trained retaining heads in the model: the one place
+        that says "APB with the retaining-head compressor"."""
+        return self.passes_blocks and self.compressor_entry.needs_retaining_heads
 
     def replace(self, **changes) -> "APBConfig":
         """A copy with some fields changed (validated again)."""
@@ -138,14 +195,14 @@ class APBConfig:
             raise APBConfigError(f"block length must be >= 1, got {block_len}")
         if not self.uses_anchor or cp_size == 1:
             return CPLayout(mode=self.mode, block_len=block_len)
-        if self.mode == "star":
+        if not self.passes_blocks:  # star: an anchor of up to a block, nothing passed
             anchor = block_len if self.anchor_len is None else self.anchor_len
             if anchor > block_len:
                 raise APBConfigError(
                     f"anchor_len={anchor} is longer than the block ({block_len} tokens); "
                     f"Star Attention's anchor is at most one block: set anchor_len <= {block_len}"
                 )
-            return CPLayout(mode="star", block_len=block_len, anchor_len=anchor)
+            return CPLayout(mode=self.mode, block_len=block_len, anchor_len=anchor)
         if self.anchor_len is None:
             anchor = min(int(block_len * self.anchor_ratio), block_len - 1)
             if self.query_in_anchor and query_len > 0 and anchor > 0:
@@ -177,14 +234,14 @@ class APBConfig:
                 )
             query_used = query_len
         return CPLayout(
-            mode="apb",
+            mode=self.mode,
             block_len=block_len,
             anchor_len=anchor,
             passing_len=passing,
             query_start=query_start,
             query_len=query_used,
-            # the query-attention scorer needs the query rows on rank 0 as well
-            first_rank_anchor=self.compressor == "query_attention" and passing > 0 and anchor > 0,
+            # a scorer that reads the query rows needs them on rank 0 as well
+            first_rank_anchor=self.compressor_entry.needs_query_rows and passing > 0 and anchor > 0,
         )
 
 
@@ -225,4 +282,6 @@ class CPLayout:
 
 def _one_of(name, value, allowed):
     if value not in allowed:
-        raise APBConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+        raise APBConfigError(
+            f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}", field=name
+        )

@@ -14,6 +14,9 @@ import re
 from typing import Dict, Tuple
 
 import torch
+from safetensors.torch import load_file, save_file
+
+from .compress import shard_retaining_head
 
 _KEY = re.compile(r"(?:^|\.)layers\.(\d+)\..*(fc[12])\.weight$")
 
@@ -22,8 +25,6 @@ def read_retaining_heads(path: str) -> Dict[int, Tuple[torch.Tensor, torch.Tenso
     """``{layer index: (fc1, fc2)}`` from a safetensors file (no pickle)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"retaining-head checkpoint {path!r} does not exist")
-    from safetensors.torch import load_file
-
     return heads_from_state_dict(load_file(path), where=path)
 
 
@@ -96,8 +97,6 @@ def save_retaining_heads(path: str, heads, *, layout: str = "reference", dtype=N
     The default layout is the reference one; :func:`read_retaining_heads` reads either
     layout back bit-exactly (``dtype``, if given, casts first).
     """
-    from safetensors.torch import save_file
-
     tensors = {
         k: (v.detach().to("cpu", dtype) if dtype is not None else v.detach().cpu()).contiguous().clone()
         for k, v in heads_state_dict(heads, layout).items()
@@ -161,8 +160,6 @@ def load_into_retaining_heads(modules, heads, *, num_heads, num_kv_heads, tp_ran
     rank's shards.  ``num_heads``/``num_kv_heads`` count the whole model.  Raises
     ``ValueError`` naming the layer when a head does not fit (missing layer, other width,
     other head counts)."""
-    from .compress import shard_retaining_head
-
     modules = list(modules)
     if not modules:
         raise ValueError("no retaining-head modules to load into")

@@ -1,6 +1,6 @@
 """Worker functions for the checkpoint tests (run by tests/distributed.py on gloo).
 
-Each worker loads a checkpoint with ``megatron_apb.megatron.checkpoint``, builds the Megatron
+Each worker loads a checkpoint with ``megatron_apb.checkpoints``, builds the Megatron
 model for its (TP, CP) place, and compares its contiguous CP block of logits with the
 Hugging Face logits computed by the parent from the same checkpoint.
 """
@@ -32,7 +32,7 @@ def _places(tp, cp):
 
 def _build(spec, pg, apb_config=None, **config_overrides):
     from megatron_apb import APBConfig
-    from megatron_apb.megatron.checkpoint import build_model
+    from megatron_apb.checkpoints import build_model
 
     model = build_model(
         spec, apb_config or APBConfig(mode="exact"), pg_collection=pg, parallel_output=False,
@@ -57,7 +57,7 @@ def check_logits(rank, world, tp, cp, cases, error_checks=False):
     retaining heads, on the first case (see ``_error_checks``).
     """
     _setup()
-    from megatron_apb.megatron.checkpoint import load_hf_checkpoint, load_into_model
+    from megatron_apb.checkpoints import load_hf_checkpoint, load_into_model
 
     pg, tp_rank, cp_rank = _places(tp, cp)
     out = {}
@@ -89,7 +89,7 @@ def _error_checks(path, pg, tp_rank, tp):
 
     from megatron_apb import APBConfig
     from megatron_apb.compress import shard_retaining_head
-    from megatron_apb.megatron.checkpoint import load_hf_checkpoint, load_into_model
+    from megatron_apb.checkpoints import load_hf_checkpoint, load_into_model
 
     spec, state, _ = load_hf_checkpoint(path)
     out = {}
@@ -142,7 +142,7 @@ def check_gguf(rank, world, prompt, out_dir):
     _setup()
     from transformers import AutoModelForCausalLM
 
-    from megatron_apb.megatron.checkpoint import (
+    from megatron_apb.checkpoints import (
         default_model_path,
         load_hf_checkpoint,
         load_into_model,

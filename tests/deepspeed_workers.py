@@ -1,7 +1,7 @@
 """Worker functions for the DeepSpeed tests (gloo, tiny models; see tests/test_deepspeed.py).
 
 Each worker runs generation twice on the same weights and prompt: through our own engine
-(a Megatron model built with the APB spec) and through ``megatron_apb.deepspeed``
+(a Megatron model built with the APB spec) and through ``megatron_apb.integrations.deepspeed``
 (``init_inference`` on a model without APB attention), and returns both token lists, the
 first-step logits of both, and any error message as plain data.
 """
@@ -71,7 +71,7 @@ def megatron_ds_vs_engine(rank, world, tp, cp, n_doc, n_new, cases, heads_path=N
     import torch.distributed as dist
 
     from megatron_apb import APBConfig
-    from megatron_apb.deepspeed import init_inference
+    from megatron_apb.integrations.deepspeed import init_inference
     from megatron_apb.inference import APBEngine, SamplingConfig
     from megatron_apb.megatron import rank_grid_groups
 
@@ -136,11 +136,11 @@ def hf_ds_vs_engine(rank, world, tp, cp, path, doc, query, n_new, cases, heads_p
     from transformers import AutoModelForCausalLM
 
     from megatron_apb import APBConfig
-    from megatron_apb.deepspeed import init_inference
+    from megatron_apb.integrations.deepspeed import init_inference
     from megatron_apb.heads import heads_to_megatron, read_retaining_heads
     from megatron_apb.inference import APBEngine, SamplingConfig
     from megatron_apb.megatron import rank_grid_groups
-    from megatron_apb.megatron.checkpoint import build_model, load_hf_checkpoint, load_into_model
+    from megatron_apb.checkpoints import build_model, load_hf_checkpoint, load_into_model
 
     pg = rank_grid_groups(tp, cp)
     tp_rank = torch.distributed.get_rank(pg.tp)

@@ -58,7 +58,7 @@ def generate_from_hf_checkpoint(rank, world, tp, cp, path, doc, query, n_new):
     from megatron_apb import APBConfig
     from megatron_apb.inference import APBEngine, SamplingConfig
     from megatron_apb.megatron import rank_grid_groups
-    from megatron_apb.megatron.checkpoint import build_model, load_hf_checkpoint, load_into_model
+    from megatron_apb.checkpoints import build_model, load_hf_checkpoint, load_into_model
 
     pg = rank_grid_groups(tp, cp)
     spec, state, _ = load_hf_checkpoint(path)
@@ -104,3 +104,33 @@ def local_vs_distributed_decode(rank, world, n_doc, n_new, kwargs):
     return (engine.generate(doc, query, sampling).output_ids,
             engine.generate(doc, query, sampling, local_decode=True).output_ids,
             max((a - b).abs().max().item() for a, b in steps), full.tokens(), cache.tokens())
+
+
+def dummy_compressor_generate(rank, world, n_doc, n_new):
+    """Register a compressor through the registry alone (a copy of ``random``'s scores under
+    another name, counting its calls) and generate with it and with ``random``.
+
+    Returns (tokens with the dummy, tokens with random, scorer calls on this rank)."""
+    _setup()
+    from megatron_apb import APBConfig
+    from megatron_apb.compress import Compressor, random_scores, register_compressor
+    from megatron_apb.inference import SamplingConfig
+    from megatron_apb.megatron import rank_grid_groups
+
+    calls = []
+
+    def score(x):
+        calls.append(x.layer_number)
+        seed = x.config.seed + 7919 * x.layer_number + 104729 * x.rank
+        return random_scores(x.q.shape[0], x.layout.block_len, x.num_kv_heads, seed=seed, device=x.q.device)
+
+    register_compressor(Compressor("dummy_random", score), replace=True)
+    pg = rank_grid_groups(1, world)
+    doc, query = _prompt(n_doc, 4, seed=7)
+    sampling = SamplingConfig(max_new_tokens=n_new)
+    out = {}
+    for name in ("dummy_random", "random"):
+        apb_config = APBConfig(mode="apb", compressor=name, passing_len=4)
+        engine = _engine(_model(apb_config, 1, world, pg), apb_config, pg)
+        out[name] = engine.generate(doc, query, sampling).output_ids
+    return out["dummy_random"], out["random"], len(calls)

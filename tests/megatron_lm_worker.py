@@ -26,7 +26,7 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-SPEC = ["--spec", "megatron_apb.megatron.lm_hooks", "gpt_layer_apb_spec"]
+SPEC = ["--spec", "megatron_apb.integrations.megatron_lm", "gpt_layer_apb_spec"]
 VOCAB = 128
 # A small Llama-style model in Megatron-LM flags; CPU-friendly settings (no fusions, fp32).
 MODEL_FLAGS = [
@@ -122,7 +122,8 @@ def spec_scenario():
     """World 1, the unpatched checkout: flags, the ``--spec`` import, a forward."""
     from megatron.core.transformer.spec_utils import import_module
 
-    from megatron_apb.megatron import APBCoreAttention, APBSelfAttention, lm_hooks
+    from megatron_apb.integrations import megatron_lm as hooks
+    from megatron_apb.megatron import APBCoreAttention, APBSelfAttention
 
     report = {}
     for name, flags in {
@@ -131,13 +132,13 @@ def spec_scenario():
         "unknown_mode": ["--apb-mode", "ring"],
         "missing_heads": ["--apb-heads", "/no/such/heads.safetensors"],
     }.items():
-        report[name] = parse_error(MODEL_FLAGS + SPEC + flags, lm_hooks.add_apb_args)
+        report[name] = parse_error(MODEL_FLAGS + SPEC + flags, hooks.add_apb_args)
 
-    args = initialize(MODEL_FLAGS + SPEC + ["--apb-mode", "exact"], lm_hooks.add_apb_args)
+    args = initialize(MODEL_FLAGS + SPEC + ["--apb-mode", "exact"], hooks.add_apb_args)
     from gpt_builders import gpt_builder
 
     report["args"] = dict(spec=args.spec, apb_mode=args.apb_mode, apb_query_tokens=args.apb_query_tokens)
-    report["spec_is_hook"] = import_module(args.spec) is lm_hooks.gpt_layer_apb_spec
+    report["spec_is_hook"] = import_module(args.spec) is hooks.gpt_layer_apb_spec
     model = build(gpt_builder)  # Megatron-LM's gpt_builder, --spec -> our hook
     attention = model.decoder.layers[0].self_attention
     report["layer"] = type(model.decoder.layers[0]).__name__
@@ -162,7 +163,7 @@ def spec_scenario():
     plain.load_state_dict(model.state_dict())
     report["err_vs_megatron_attention"] = float((got - logits(plain, tokens)).abs().max())
 
-    own = build(lm_hooks.apb_gpt_builder)  # the builder for scripts of one's own
+    own = build(hooks.apb_gpt_builder)  # the builder for scripts of one's own
     own.load_state_dict(model.state_dict())
     report["err_apb_gpt_builder"] = float((got - logits(own, tokens)).abs().max())
     return report
@@ -181,8 +182,8 @@ def server_scenario():
 
     from megatron_apb import APBConfig
     from megatron_apb.inference import APBEngine, SamplingConfig
+    from megatron_apb.integrations.megatron_lm import APBServerEngine
     from megatron_apb.megatron import build_gpt_model
-    from megatron_apb.megatron.lm_hooks import APBServerEngine
 
     apb = ["--apb-mode", "apb", "--apb-anchor-len", "8", "--apb-passing-len", "4",
            "--apb-query-prefix-len", "2", "--apb-query-tokens", "4"]

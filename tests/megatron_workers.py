@@ -47,11 +47,11 @@ def _prompt(n_doc, n_query, seed=1):
 
 
 def _run(model, tokens, layout):
-    from megatron_apb.megatron import apb_layout
+    from megatron_apb.forward import ForwardContext
+    from megatron_apb.megatron import MegatronAdapter
 
-    device = next(model.parameters()).device
-    with torch.no_grad(), apb_layout(model, layout):
-        return model(tokens[None].to(device), None, None)[0].float().cpu()
+    with torch.no_grad():
+        return MegatronAdapter(model).forward_logits(tokens[None], ForwardContext.prefill(layout))[0].float().cpu()
 
 
 def check_modes(rank, world, tp, cp, n_doc, cases, device="cpu"):
@@ -123,22 +123,17 @@ def forward_error(rank, world, cp, apb_kwargs, rows, block_len=None):
     """Run a forward with ``rows`` tokens (in a layout of ``block_len`` if given); returns
     the error, if any."""
     _setup()
-    import contextlib
-
     from megatron_apb import APBConfig
-    from megatron_apb.megatron import apb_layout, rank_grid_groups
+    from megatron_apb.forward import ForwardContext
+    from megatron_apb.megatron import MegatronAdapter, rank_grid_groups
 
     pg = rank_grid_groups(1, cp)
     apb_config = APBConfig(**apb_kwargs)
     model = _model(apb_config, 1, cp, pg)
-    scope = (
-        apb_layout(model, apb_config.layout(block_len, cp_size=cp))
-        if block_len
-        else contextlib.nullcontext()
-    )
+    layout = apb_config.layout(block_len, cp_size=cp) if block_len else None
     try:
-        with torch.no_grad(), scope:
-            model(torch.ones(1, rows, dtype=torch.long), None, None)
+        with torch.no_grad():
+            MegatronAdapter(model).forward_logits(torch.ones(1, rows, dtype=torch.long), ForwardContext.prefill(layout))
     except Exception as exc:
         return type(exc).__name__, str(exc)
     return None

@@ -22,7 +22,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-from megatron_apb.megatron.checkpoint import (  # noqa: E402
+from megatron_apb.checkpoints import (  # noqa: E402
     CheckpointError,
     ModelSpec,
     UnsupportedModelError,

@@ -61,7 +61,7 @@ def test_generate_finds_pass_key_on_4_ranks(smollm2, tmp_path):
     # the ids recorded are the ids fed: the same tokenization of the same prompt, rebuilt here
     from transformers import AutoTokenizer
 
-    from megatron_apb.inference.prompts import passkey_prompt, tokenize_prompt
+    from megatron_apb.data import passkey_prompt, tokenize_prompt
 
     tok = AutoTokenizer.from_pretrained(smollm2)
     doc, question, key = passkey_prompt(tok, 1500, seed=0)
@@ -73,7 +73,7 @@ def test_generate_finds_pass_key_on_4_ranks(smollm2, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from megatron_apb.megatron.checkpoint import default_model_path
+    from megatron_apb.checkpoints import default_model_path
 
     path = default_model_path()
     hf = AutoModelForCausalLM.from_pretrained(

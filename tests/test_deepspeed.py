@@ -1,4 +1,4 @@
-"""``megatron_apb.deepspeed.init_inference``: DeepSpeed inference with APB context parallelism.
+"""``megatron_apb.integrations.deepspeed.init_inference``: DeepSpeed inference with APB context parallelism.
 
 The DeepSpeed path must give the same tokens as our own engine in the same mode, on the
 same weights and prompt (gloo, CPU processes):
@@ -14,6 +14,7 @@ vs Hugging Face's or the same Megatron layers re-wired) in float32, so first-ste
 agree to ~1e-6; the bound 1e-4 leaves room for summation order, tokens must be identical.
 """
 
+import dataclasses
 import json
 
 import pytest
@@ -21,8 +22,8 @@ import torch
 
 pytest.importorskip("deepspeed")
 
-from megatron_apb import APBConfigError  # noqa: E402
-from megatron_apb.deepspeed import APB_SECTION_KEYS, split_config  # noqa: E402
+from megatron_apb import APBConfig, APBConfigError  # noqa: E402
+from megatron_apb.integrations.deepspeed import APB_SECTION_KEYS, split_config  # noqa: E402
 from tests.deepspeed_workers import hf_ds_vs_engine, megatron_ds_vs_engine  # noqa: E402
 from tests.distributed import run_distributed  # noqa: E402
 
@@ -133,6 +134,10 @@ def test_hf_llama_deepspeed_tp2_cp2(tiny_llama):
         ({"apb": {"mode": "star", "passing_len": 8}}, "passes no blocks"),
         ({"apb": {"mode": "exact", "anchor_len": 8}}, "uses no anchor"),
         ({"apb": {"anchor_ratio": 2.0}}, "anchor_ratio must lie in [0, 1]"),
+        ({"apb": {"anchor_len": "4"}}, "'anchor_len': expected int or null, got '4'"),
+        ({"apb": {"fused_rope": "no"}}, "'fused_rope': expected bool, got 'no'"),
+        ({"apb": {"query_prefix_len": True}}, "'query_prefix_len': expected int, got True"),
+        ({"apb": {"heads": 3}}, "heads must be the path of a safetensors file"),
         ({"apb": {}, "replace_with_kernel_inject": True}, "would remove APB"),
     ],
 )
@@ -158,9 +163,36 @@ def test_json_file_and_defaults(tmp_path):
         split_config(str(tmp_path / "bad.json"))
 
 
-def test_megatron_model_refuses_deepspeed_tp():
-    from megatron_apb.deepspeed import _init_megatron, split_config as split
+def test_every_config_field_is_a_section_key():
+    """Every APBConfig field is a key of the "apb" section (fused_rope included)."""
+    from tests.test_megatron_lm import config_field_samples
 
-    section, rest = split({"tensor_parallel": {"tp_size": 2}, "apb": {}})
+    samples = config_field_samples()
+    for f in dataclasses.fields(APBConfig):
+        assert f.name in APB_SECTION_KEYS, f.name
+        section, rest = split_config({"dtype": "fp32", "apb": {f.name: samples[f.name], "cp_size": 2}})
+        assert section.apb_config == APBConfig(**{f.name: samples[f.name]}), (f.name, section)
+        assert section.cp_size == 2 and rest == {"dtype": "fp32"}
+    section, _ = split_config({"apb": {"fused_rope": False, "seed": 3, "smoothing_kernel": 1}})
+    cfg = section.apb_config
+    assert (cfg.fused_rope, cfg.seed, cfg.smoothing_kernel) == (False, 3, 1)
+    assert cfg.anchor_ratio == 0.25
+    section, _ = split_config({"apb": {"anchor_ratio": 1}})  # a JSON int where a float belongs
+    assert section.apb_config.anchor_ratio == 1.0
+
+
+def test_unknown_key_is_refused_with_the_valid_keys():
+    with pytest.raises(APBConfigError) as info:
+        split_config({"apb": {"mode": "apb", "passing": 4, "anchor": 8}})
+    message = str(info.value)
+    assert message.startswith('DeepSpeed config, "apb" section: unknown key(s) [\'anchor\', \'passing\']'), message
+    valid = message.split("valid keys: ", 1)[1].split(", ")
+    assert valid == ["cp_size", "heads"] + [f.name for f in dataclasses.fields(APBConfig)]
+
+
+def test_megatron_model_refuses_deepspeed_tp():
+    from megatron_apb.integrations.deepspeed.megatron_model import setup_megatron_model
+
+    section, rest = split_config({"tensor_parallel": {"tp_size": 2}, "apb": {}})
     with pytest.raises(APBConfigError, match="Megatron already splits its layers"):
-        _init_megatron(None, object(), section, rest, None, None, None, 0, None)
+        setup_megatron_model(object(), section, rest, None, None)

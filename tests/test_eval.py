@@ -17,9 +17,10 @@ import sys
 import pytest
 
 from megatron_apb.config import APBConfig
-from megatron_apb.eval import report, tasks
+from megatron_apb.data import tasks
+from megatron_apb.eval import report
 from megatron_apb.eval.runner import eval_methods
-from megatron_apb.inference.prompts import tokenize_prompt
+from megatron_apb.data import tokenize_prompt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_material = pytest.mark.skipif(
@@ -223,7 +224,7 @@ def test_paired_differences_against_full_and_star():
 @needs_material
 @needs_smollm2
 def test_token_budgets_with_the_smollm2_tokenizer():
-    from megatron_apb.megatron.checkpoint import default_model_path, load_tokenizer
+    from megatron_apb.checkpoints import default_model_path, load_tokenizer
 
     tok = load_tokenizer(default_model_path())
     for task in ("niah_single_2", "vt", "cwe", "fwe"):

@@ -93,7 +93,7 @@ def test_scripts_refuse_a_missing_model():
 
 
 def test_deepspeed_config_example_is_valid():
-    from megatron_apb.deepspeed import split_config
+    from megatron_apb.integrations.deepspeed import split_config
 
     section, rest = split_config(os.path.join(EXAMPLES, "deepspeed", "ds_config_apb.json"))
     assert section.cp_size == 2 and rest["tensor_parallel"] == {"tp_size": 2}

@@ -94,7 +94,7 @@ def test_context_parallel_size_mismatch():
 def test_apb_forward_needs_layout_and_matching_rows():
     apb = dict(mode="apb", anchor_len=4, compressor="random")
     errs = run_distributed(forward_error, 2, 2, apb, 16)  # no layout set
-    assert all(e is not None and "apb_layout" in e[1] for e in errs)
+    assert all(e is not None and "ForwardContext.prefill(layout)" in e[1] for e in errs)
     # layout of 16-token blocks: rank 0 needs 16 rows, rank 1 anchor 4 + 16 = 20; both get 16.
     # Rank 1 names its problem; rank 0, whose input fits, fails too instead of waiting forever
     # in the all-gather (run_distributed's timeout would catch a hang)

@@ -1,4 +1,4 @@
-"""The Megatron-LM hooks (megatron_apb.megatron.lm_hooks) and patches (patches/megatron_lm).
+"""The Megatron-LM hooks (megatron_apb.integrations.megatron_lm) and patches (patches/megatron_lm).
 
 Without a Megatron-LM checkout (megatron-core alone): the ``--apb-*`` argument group, the
 ``--spec`` object, and a GPTModel built from a Megatron-LM-shaped Namespace (world 1,
@@ -12,29 +12,65 @@ forward, and the patched text generation server's engine at CP = 2.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
 import subprocess
 import sys
+import typing
 
 import pytest
+
+from megatron_apb.config import APBConfig
+from megatron_apb.errors import APBConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATCHES = os.path.join(ROOT, "patches", "megatron_lm")
 PATCH_FILES = {"0001-text-generation-server-apb-engine.patch": [os.path.join("tools", "run_text_generation_server.py")]}
 PINNED = "core_v0.16.1 (55ac7082517c3878ae653c07c09c534b8aed49f6)"
-APB_ENV = ("APB_MODE", "APB_ANCHOR_LEN", "APB_PASSING_LEN", "APB_COMPRESSOR", "APB_HEADS",
-           "APB_QUERY_PREFIX_LEN", "APB_RETAINING_HEAD_HIDDEN", "APB_BACKEND")
+SPEC_MODULE = "megatron_apb.integrations.megatron_lm"
+
+
+def config_field_samples():
+    """{field: a valid value other than its default} for every APBConfig field, each valid
+    alone over the defaults and needing no retaining-head file (shared with
+    tests/test_deepspeed.py: every field must be accepted by every front-end)."""
+    hints = typing.get_type_hints(APBConfig)
+    samples = {}
+    for f in dataclasses.fields(APBConfig):
+        kind = next((a for a in typing.get_args(hints[f.name]) if a is not type(None)), hints[f.name])
+        choices = f.metadata.get("choices")
+        if choices is not None:
+            candidates = [c for c in (choices.names() if hasattr(choices, "names") else choices) if c != f.default]
+        elif kind is bool:
+            candidates = [not f.default]
+        elif kind is int:
+            candidates = [8] if f.default is None else [f.default + 2, f.default + 1]
+        elif kind is float:
+            candidates = [f.default / 2]
+        else:
+            candidates = ["x"]
+        for value in candidates:
+            try:
+                config = APBConfig(**{f.name: value})
+            except ValueError:
+                continue
+            if not config.needs_retaining_heads:
+                samples[f.name] = value
+                break
+        assert f.name in samples, f"no sample value for APBConfig.{f.name}: extend config_field_samples"
+    return samples
 
 
 @pytest.fixture
 def hooks(monkeypatch):
-    for name in APB_ENV:
-        monkeypatch.delenv(name, raising=False)
-    from megatron_apb.megatron import lm_hooks
+    for name in list(os.environ):
+        if name.startswith("APB_"):
+            monkeypatch.delenv(name)
+    from megatron_apb.integrations import megatron_lm
 
-    return lm_hooks
+    return megatron_lm
 
 
 # ----------------------------------------------------------- no checkout needed
@@ -49,11 +85,40 @@ def test_apb_args_and_environment(hooks):
     assert (cfg.mode, cfg.anchor_len) == ("star", 128)
     cfg = hooks.apb_config_from_env({"APB_MODE": "apb", "APB_PASSING_LEN": "64", "APB_ANCHOR_LEN": "256"})
     assert (cfg.mode, cfg.anchor_len, cfg.passing_len, cfg.compressor) == ("apb", 256, 64, "query_attention")
-    assert hooks.apb_config_from_args(argparse.Namespace(), environ={}) == hooks.APBConfig()
-    with pytest.raises(hooks.APBConfigError, match="APB_ANCHOR_LEN='x'"):
+    assert hooks.apb_config_from_args(argparse.Namespace(), environ={}) == APBConfig()
+    with pytest.raises(APBConfigError, match="APB_ANCHOR_LEN='x'"):
         hooks.apb_config_from_env({"APB_ANCHOR_LEN": "x"})
-    with pytest.raises(hooks.APBConfigError, match="mode must be one of"):
+    with pytest.raises(APBConfigError, match="APB_MODE must be one of"):
         hooks.apb_config_from_env({"APB_MODE": "ring"})
+    with pytest.raises(APBConfigError, match="APB_MODE='star' passes no blocks, but APB_PASSING_LEN=8"):
+        hooks.apb_config_from_env({"APB_MODE": "star", "APB_PASSING_LEN": "8"})
+
+
+def test_every_config_field_is_a_flag_and_a_variable(hooks):
+    """Every APBConfig field has an --apb-<field> flag and an APB_<FIELD> variable."""
+    parser = hooks.add_apb_args(argparse.ArgumentParser())
+    samples = config_field_samples()
+    for f in dataclasses.fields(APBConfig):
+        value, flag = samples[f.name], "--apb-" + f.name.replace("_", "-")
+        argv = [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
+        cfg = hooks.apb_config_from_args(parser.parse_args(argv), environ={})
+        assert getattr(cfg, f.name) == value, (argv, cfg)
+        assert cfg == APBConfig(**{f.name: value})
+        variable = "APB_" + f.name.upper()
+        cfg = hooks.apb_config_from_env({variable: str(value)})
+        assert getattr(cfg, f.name) == value and cfg == APBConfig(**{f.name: value}), (variable, cfg)
+        assert hooks.ENV_VARS[variable][0] == f.name and hooks.ARG_FIELDS["apb_" + f.name] == f.name
+    # the flags Megatron-LM scripts and the server patch already use
+    for flag in ("--apb-mode", "--apb-anchor-len", "--apb-passing-len", "--apb-compressor", "--apb-heads",
+                 "--apb-query-prefix-len", "--apb-retaining-head-hidden", "--apb-backend", "--apb-query-tokens"):
+        assert flag in parser.format_help(), flag
+
+
+def test_unknown_apb_flag_is_refused(hooks, capsys):
+    parser = hooks.add_apb_args(argparse.ArgumentParser(prog="pretrain_gpt.py", allow_abbrev=False))
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args(["--apb-passing", "4"])
+    assert exc.value.code == 2 and "unrecognized arguments: --apb-passing" in capsys.readouterr().err
 
 
 def test_apb_args_with_heads(hooks, tmp_path):
@@ -66,10 +131,12 @@ def test_apb_args_with_heads(hooks, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--apb-mode", "ring"], "argument --apb-mode: invalid choice: 'ring'"),
     (["--apb-compressor", "topk"], "argument --apb-compressor: invalid choice: 'topk'"),
-    (["--apb-anchor-len", "-1"], "argument --apb-anchor-len: must be >= 0, got -1"),
-    (["--apb-passing-len", "many"], "argument --apb-passing-len: expected an integer, got 'many'"),
+    (["--apb-anchor-len", "-1"], "--apb-anchor-len must be a non-negative int or None, got -1"),
+    (["--apb-passing-len", "many"], "argument --apb-passing-len: expected int, got 'many'"),
     (["--apb-query-tokens", "0"], "argument --apb-query-tokens: must be >= 1, got 0"),
-    (["--apb-retaining-head-hidden", "0"], "argument --apb-retaining-head-hidden: must be >= 1, got 0"),
+    (["--apb-retaining-head-hidden", "0"], "--apb-retaining-head-hidden must be >= 1, got 0"),
+    (["--apb-smoothing-kernel", "4"], "--apb-smoothing-kernel must be an odd int >= 1"),
+    (["--apb-query-in-anchor", "yes"], "unrecognized arguments: yes"),
     (["--apb-heads", "/no/such/heads.safetensors"], "argument --apb-heads: no such file: '/no/such/heads.safetensors'"),
     (["--apb-mode", "star", "--apb-passing-len", "8"],
      "--apb-mode='star' passes no blocks, but --apb-passing-len=8"),
@@ -99,7 +166,7 @@ def test_spec_hook_is_what_megatron_lm_imports(hooks):
     spec = import_module(hooks.SPEC_ARGS)  # what gpt_builder does with --spec MODULE NAME
     assert spec is hooks.gpt_layer_apb_spec and isinstance(spec, ModuleSpec)
     assert spec.module is hooks.MegatronLMAPBTransformerLayer
-    assert hooks.SPEC_ARGS == ("megatron_apb.megatron.lm_hooks", "gpt_layer_apb_spec")
+    assert hooks.SPEC_ARGS == (SPEC_MODULE, "gpt_layer_apb_spec")
 
 
 def megatron_lm_args(**overrides):
@@ -114,8 +181,7 @@ def megatron_lm_args(**overrides):
         untie_embeddings_and_output_weights=True, attention_dropout=0.0, hidden_dropout=0.0,
         init_method_std=0.2, use_cpu_initialization=True, params_dtype=torch.float32, no_persist_layer_norm=True,
         masked_softmax_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
-        tensor_model_parallel_size=1, context_parallel_size=1, spec=["megatron_apb.megatron.lm_hooks",
-                                                                     "gpt_layer_apb_spec"],
+        tensor_model_parallel_size=1, context_parallel_size=1, spec=[SPEC_MODULE, "gpt_layer_apb_spec"],
         apb_mode=None, apb_anchor_len=None, apb_passing_len=None, apb_compressor=None, apb_heads=None,
         apb_query_prefix_len=None, apb_retaining_head_hidden=None, apb_backend=None, apb_query_tokens=64,
     )
@@ -132,15 +198,15 @@ def builder_worker(rank, world):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.process_groups_config import ProcessGroupCollection
 
+    from megatron_apb.integrations import megatron_lm as hooks
     from megatron_apb.megatron import APBCoreAttention, APBSelfAttention, init_cpu_megatron
-    from megatron_apb.megatron import lm_hooks
 
     init_cpu_megatron()
     parallel_state.initialize_model_parallel(1, 1)  # as Megatron-LM does (Megatron's attention
     # takes its buffer from there)
     pg = ProcessGroupCollection.use_mpu_process_groups()
     args = megatron_lm_args(apb_mode="exact")
-    model = lm_hooks.apb_gpt_builder(args, pg_collection=pg).eval()
+    model = hooks.apb_gpt_builder(args, pg_collection=pg).eval()
     c = model.config
     layer = model.decoder.layers[0]
     out = dict(
@@ -163,8 +229,8 @@ def builder_worker(rank, world):
     # the --spec object: each layer picks its parts from its TransformerConfig and the
     # APB settings current when it is built (here APB_* env, no Megatron-LM args)
     os.environ.update(APB_MODE="star", APB_ANCHOR_LEN="6")
-    layer_norm = lm_hooks.transformer_config_from_args(megatron_lm_args(normalization="LayerNorm"))
-    lazy = GPTModel(layer_norm, lm_hooks.gpt_layer_apb_spec, vocab_size=128, max_sequence_length=256,
+    layer_norm = hooks.transformer_config_from_args(megatron_lm_args(normalization="LayerNorm"))
+    lazy = GPTModel(layer_norm, hooks.gpt_layer_apb_spec, vocab_size=128, max_sequence_length=256,
                     position_embedding_type="rope", pg_collection=pg)
     core = lazy.decoder.layers[1].self_attention.core_attention
     out["lazy"] = (type(lazy.decoder.layers[1]).__name__, isinstance(core, APBCoreAttention),
@@ -192,7 +258,8 @@ def serve_worker(rank, world, n_new):
 
     from megatron_apb import APBConfig
     from megatron_apb.inference import APBEngine, SamplingConfig
-    from megatron_apb.megatron import lm_hooks, rank_grid_groups
+    from megatron_apb.integrations import megatron_lm as hooks
+    from megatron_apb.megatron import rank_grid_groups
     from tests.megatron_workers import VOCAB, _model, _prompt, _setup
 
     _setup()
@@ -201,7 +268,7 @@ def serve_worker(rank, world, n_new):
                             apb_query_prefix_len=2, apb_query_tokens=4, num_attention_heads=12, num_query_groups=4,
                             hidden_size=96, ffn_hidden_size=192, kv_channels=8, padded_vocab_size=VOCAB,
                             rotary_base=10000, normalization="RMSNorm", init_method_std=0.02)
-    lm_model = lm_hooks.apb_gpt_builder(args, pg_collection=pg).eval()
+    lm_model = hooks.apb_gpt_builder(args, pg_collection=pg).eval()
     config = APBConfig(mode="apb", anchor_len=10, passing_len=4, query_prefix_len=2)
     ref = _model(config, 1, 2, pg)
     lm_model.load_state_dict(ref.state_dict())
@@ -217,7 +284,7 @@ def serve_worker(rank, world, n_new):
 
     doc, query = _prompt(40, 4, seed=8)
     core = lm_model.decoder.layers[0].self_attention.core_attention
-    server = lm_hooks.APBServerEngine(lm_model, Tokenizer(), core.apb_config, cp_group=pg.cp, tp_group=pg.tp,
+    server = hooks.APBServerEngine(lm_model, Tokenizer(), core.apb_config, cp_group=pg.cp, tp_group=pg.tp,
                                       vocab_size=VOCAB, query_tokens=args.apb_query_tokens)
     prompt = " ".join(map(str, torch.cat([doc, query]).tolist()))
     (req,) = server.generate(prompts=[prompt], sampling_params=SamplingParams(num_tokens_to_generate=n_new, top_k=1))
@@ -297,10 +364,11 @@ def test_megatron_lm_spec_path_cpu(megatron_training, tmp_path):
     assert r["star_with_passing"] == [2, "pretrain_gpt.py: error: --apb-mode='star' passes no blocks, but "
                                          "--apb-passing-len=8; use --apb-mode='apb' for passing blocks or leave "
                                          "--apb-passing-len unset"]
-    assert r["negative_anchor"] == [2, "pretrain_gpt.py: error: argument --apb-anchor-len: must be >= 0, got -1"]
+    assert r["negative_anchor"] == [2, "pretrain_gpt.py: error: --apb-anchor-len must be a non-negative int or None, "
+                                       "got -1"]
     assert r["unknown_mode"][0] == 2 and "argument --apb-mode: invalid choice: 'ring'" in r["unknown_mode"][1]
     assert r["missing_heads"][0] == 2 and "argument --apb-heads: no such file" in r["missing_heads"][1]
-    assert r["args"] == {"spec": ["megatron_apb.megatron.lm_hooks", "gpt_layer_apb_spec"], "apb_mode": "exact",
+    assert r["args"] == {"spec": [SPEC_MODULE, "gpt_layer_apb_spec"], "apb_mode": "exact",
                          "apb_query_tokens": 64}
     # gpt_builder -> import_module(args.spec) -> our object; the layers it built
     assert r["spec_is_hook"] and r["layer"] == "MegatronLMAPBTransformerLayer" and r["apb_layers"]

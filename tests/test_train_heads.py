@@ -241,8 +241,7 @@ def test_chat_split_and_middle_truncation(tiny_tokenizer):
 def test_builtin_prompts_mix_tasks_and_differ_from_eval_prompts(tiny_tokenizer):
     from megatron_apb.training.data import TASK_MIX, builtin_records
 
-    pytest.importorskip("megatron_apb.eval.tasks")
-    from megatron_apb.eval.tasks import generate_samples
+    from megatron_apb.data import generate_samples
 
     records = builtin_records(tiny_tokenizer, num_samples=5, length=900, seed=0)
     assert [r.source for r in records] == [f"builtin:{t}#0" for t in TASK_MIX] + [f"builtin:{TASK_MIX[0]}#1"]

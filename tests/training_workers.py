@@ -26,7 +26,7 @@ def _setup():
 
 
 def _spec():
-    from megatron_apb.megatron.checkpoint import ModelSpec
+    from megatron_apb.checkpoints import ModelSpec
 
     return ModelSpec(
         model_type="llama", num_layers=2, hidden_size=96, num_attention_heads=12, num_query_groups=4,
@@ -38,7 +38,7 @@ def _spec():
 def _model(spec, pg, full_state=None, seed=0):
     """A GPTModel (APB spec, exact mode) on ``pg``; with ``full_state`` loaded for its TP rank."""
     from megatron_apb import APBConfig
-    from megatron_apb.megatron.checkpoint import build_model, load_into_model
+    from megatron_apb.checkpoints import build_model, load_into_model
 
     torch.manual_seed(seed)
     model = build_model(spec, APBConfig(mode="exact"), pg_collection=pg, parallel_output=False,

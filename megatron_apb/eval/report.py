@@ -8,7 +8,8 @@ import math
 from collections import defaultdict
 from typing import Dict, Iterable, List, Sequence, Tuple
 
-from .tasks import TASKS
+from ..data import TASKS
+from ..errors import APBConfigError
 
 _METHOD_ORDER = ("full", "exact", "ulysses", "star", "apb-retaining_head", "apb-query_attention", "apb-random")
 
@@ -20,10 +21,10 @@ def load_records(paths: Sequence[str]) -> List[dict]:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
         if "records" not in data:
-            raise ValueError(f"{path}: not an evaluation result (no 'records')")
+            raise APBConfigError(f"{path}: not an evaluation result (no 'records')")
         records.extend(data["records"])
     if not records:
-        raise ValueError("the evaluation files hold no records")
+        raise APBConfigError("the evaluation files hold no records")
     return records
 
 

@@ -13,10 +13,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Collection, Iterable, List, Optional, Sequence, Tuple
 
-from ..config import COMPRESSORS, APBConfig
-from ..inference.prompts import tokenize_prompt
+from ..config import APBConfig
+from ..data import TaskSample, score_answer, tokenize_prompt
+from ..errors import APBConfigError
 from ..inference.sampling import SamplingConfig
-from .tasks import TaskSample, score_answer
+from ..registry import ALGORITHMS, COMPRESSORS
 
 
 @dataclass(frozen=True)
@@ -34,17 +35,17 @@ def eval_methods(base: APBConfig, modes: Sequence[str], compressors: Sequence[st
         return [EvalMethod("full", base.replace(mode="exact", anchor_len=None, passing_len=None))]
     methods = []
     for mode in modes:
-        if mode == "apb":
+        if mode not in ALGORITHMS:
+            raise APBConfigError(f"unknown mode {mode!r}; choose from {', '.join(ALGORITHMS)}")
+        if ALGORITHMS.get(mode).passes_blocks:  # apb: once per compressor
             if not compressors:
-                raise ValueError("mode apb needs at least one compressor")
+                raise APBConfigError(f"mode {mode} needs at least one compressor")
             for c in compressors:
                 if c not in COMPRESSORS:
-                    raise ValueError(f"unknown compressor {c!r}; choose from {', '.join(COMPRESSORS)}")
-                methods.append(EvalMethod(f"apb-{c}", base.replace(mode="apb", compressor=c)))
-        elif mode in ("exact", "ulysses", "star"):
-            methods.append(EvalMethod(mode, base.replace(mode=mode, anchor_len=None, passing_len=None)))
+                    raise APBConfigError(f"unknown compressor {c!r}; choose from {', '.join(COMPRESSORS)}")
+                methods.append(EvalMethod(f"{mode}-{c}", base.replace(mode=mode, compressor=c)))
         else:
-            raise ValueError(f"unknown mode {mode!r}; choose from exact, ulysses, star, apb")
+            methods.append(EvalMethod(mode, base.replace(mode=mode, anchor_len=None, passing_len=None)))
     return methods
 
 

@@ -1,7 +1,7 @@
 """Generation: APB prefill, exact distributed decoding, sampling.
 
-Names are imported on first use, so that ``megatron_apb.inference.prompts`` (tokenizing
-prompts, e.g. for the task generators) does not import Megatron-Core.
+Names are imported on first use, so that ``megatron_apb.inference.launch`` and
+``.sampling`` (used to build the command line) do not import Megatron-Core.
 """
 
 

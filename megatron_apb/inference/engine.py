@@ -1,6 +1,9 @@
 """Distributed generation: APB (or any mode's) prefill, then exact phase-2 decoding.
 
-One request at a time (batch 1), on a Megatron GPTModel built with the APB layer spec:
+One request at a time (batch 1), on any model behind the adapter protocol
+(:class:`megatron_apb.adapter.ModelAdapter`: a Megatron GPTModel built with the APB layer
+spec, or a Hugging Face model with APB attention).  Each forward gets its own
+:class:`~megatron_apb.forward.ForwardContext`:
 
 1. **prefill** — the document is split over the CP ranks (``shard_document``); each rank
    runs the model on ``[anchor; block]`` (embedding and decoder only: no logits), keeping
@@ -19,10 +22,12 @@ from typing import Callable, List, Optional
 import torch
 import torch.distributed as dist
 
+from ..adapter import ModelAdapter
 from ..comm import all_gather_async, collective_device, group_rank, group_size
 from ..config import APBConfig, APBConfigError
+from ..forward import ForwardContext
 from ..layout import shard_document
-from ..megatron.context import apb_runtime
+from ..megatron.adapter import MegatronAdapter
 from .cache import CPKVCache
 from .sampling import SamplingConfig, sample
 
@@ -54,7 +59,9 @@ class APBEngine:
     """Generation over a context-parallel (and optionally tensor-parallel) group.
 
     Args:
-        model: a Megatron ``GPTModel`` built with the APB spec (``build_gpt_model``).
+        model: a :class:`~megatron_apb.adapter.ModelAdapter`, or a Megatron ``GPTModel``
+            built with the APB spec (``build_gpt_model``), which is wrapped in a
+            :class:`~megatron_apb.megatron.adapter.MegatronAdapter`.
         apb_config: the same config the model was built with (mode, lengths, compressor).
         cp_group, tp_group: the model's process groups.
         vocab_size: the tokenizer's vocabulary (logits beyond it, TP padding, are dropped).
@@ -76,43 +83,27 @@ class APBEngine:
         sample_src: int = 0,
         progress: Optional[Callable[[str], None]] = None,
     ):
+        if isinstance(model, ModelAdapter):
+            self.adapter = model
+        else:
+            self.adapter = MegatronAdapter(model, vocab_size=vocab_size, tp_group=tp_group)
         self.model, self.config = model, apb_config
         self.cp_group, self.tp_group = cp_group, tp_group
         self.cp_rank, self.cp_size = group_rank(cp_group), group_size(cp_group)
         self.vocab_size, self.pad_id = vocab_size, pad_id
         self.sample_group, self.sample_src = sample_group, sample_src
         self.progress = progress
-        self.device = next(model.parameters()).device
+        self.device = self.adapter.device
 
     # ----------------------------------------------------------------- pieces
-    def _rotary_table(self, length: int):
-        rope = getattr(self.model, "rotary_pos_emb", None)
-        return None if rope is None else rope(length)
-
-    def _decoder(self, ids: torch.Tensor, table_len: int):
+    def _forward(self, ids: torch.Tensor, context: ForwardContext, table_len: int):
         """Embedding + transformer layers + final norm on 1-D ``ids``: [s, 1, hidden]."""
-        hidden = self.model.embedding(input_ids=ids[None].to(self.device), position_ids=None)
-        return self.model.decoder(
-            hidden_states=hidden, attention_mask=None, rotary_pos_emb=self._rotary_table(table_len)
-        )
+        context.rotary_table = self.adapter.rotary_table(table_len)
+        return self.adapter.run_layers(self.adapter.embed(ids[None]), context)
 
     def _logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary float logits [vocab] of one hidden state [1, 1, hidden]."""
-        weight = None
-        if self.model.share_embeddings_and_output_weights:
-            weight = self.model.shared_embedding_or_output_weight()
-        logits, _ = self.model.output_layer(hidden_last, weight=weight)
-        if getattr(self.model, "parallel_output", False) and group_size(self.tp_group) > 1:
-            from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
-
-            logits = gather_from_tensor_model_parallel_region(logits, group=self.tp_group)
-        logits = logits.reshape(-1)[: self.vocab_size].float()
-        if not torch.isfinite(logits).all():
-            raise FloatingPointError(
-                "the model produced NaN/inf logits; check the checkpoint and the dtype "
-                "(bf16/fp16 overflow) and that every rank loaded the same weights"
-            )
-        return logits
+        return self.adapter.logits(hidden_last)[: self.vocab_size]
 
     def _broadcast_token(self, token: int, group=None, src=None) -> int:
         """The token of global rank ``src`` on every rank of ``group`` (default: the
@@ -130,8 +121,11 @@ class APBEngine:
 
     # --------------------------------------------------------------- the work
     @torch.no_grad()
-    def prefill(self, document_ids, query_ids):
-        """Run the distributed prefill; returns (cache, layout, n_doc, seconds)."""
+    def prefill(self, document_ids, query_ids, *, local_only: bool = False):
+        """Run the distributed prefill; returns (cache, layout, n_doc, seconds).
+
+        ``local_only`` (benchmarks only): collectives become local copies, to time the
+        prefill without communication; the cache is then wrong."""
         doc = torch.as_tensor(document_ids, dtype=torch.long).flatten()
         query = torch.as_tensor(query_ids, dtype=torch.long).flatten()
         if query.numel() == 0:
@@ -145,8 +139,8 @@ class APBEngine:
             self._barrier()
             _sync(self.device)
             start = time.perf_counter()
-            with apb_runtime(self.model, layout=layout, kv_cache=cache, config=self.config):
-                self._decoder(tokens[self.cp_rank], table_len)
+            context = ForwardContext.prefill(layout, kv_cache=cache, config=self.config, local_only=local_only)
+            self._forward(tokens[self.cp_rank], context, table_len)
             _sync(self.device)
             self._barrier()
             seconds = time.perf_counter() - start
@@ -183,8 +177,8 @@ class APBEngine:
         """Phase-2 forward of ``ids`` at positions start_position...; logits of the last."""
         ids = torch.as_tensor(ids, dtype=torch.long).flatten()
         positions = torch.arange(start_position, start_position + ids.numel())
-        with apb_runtime(self.model, kv_cache=cache, decode_positions=positions, config=self.config):
-            hidden = self._decoder(ids, start_position + ids.numel() + 1)
+        context = ForwardContext.decode(positions, cache, config=self.config)
+        hidden = self._forward(ids, context, start_position + ids.numel() + 1)
         return self._logits(hidden[-1:])
 
     def _phase2(self, cache, query, n_doc, sampling, broadcast):
@@ -259,7 +253,7 @@ class APBEngine:
     def _progress_hooks(self, what):
         if self.progress is None:
             return []
-        layers = list(self.model.decoder.layers)
+        layers = self.adapter.layers()
         hooks = []
         step = max(1, len(layers) // 10)
         for i, layer in enumerate(layers):

@@ -1,4 +1,11 @@
-"""Process set-up for the command line: torchrun environment, groups, model loading."""
+"""Process set-up for the command line: torchrun environment, groups, model loading, and
+the flags shared by the commands that run a model.
+
+The APB flags are generated from :class:`~megatron_apb.config.APBConfig`'s fields
+(:mod:`megatron_apb.configargs`), so a new field is a new flag of every command at once.
+Importing this module is cheap (the command-line parser is built from it): Megatron-Core
+is imported when a runtime or a model is first made.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +14,21 @@ import os
 import socket
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
 
-from ..config import BACKENDS, APBConfig, APBConfigError
+from .. import megatron as megatron_glue  # lazy package: Megatron-Core loads on first use
+from ..config import DTYPES, APBConfig, parse_dtype
+from ..configargs import add_config_arguments, config_from_namespace
+from ..errors import APBConfigError
+from ..heads import heads_to_megatron, read_retaining_heads
+
+#: flags spelled differently from their APBConfig field: ``mode`` is the context-parallel
+#: mode, and ``seed`` (the random compressor's) must not clash with a command's own
+#: ``--seed`` (sampling, task generation, training)
+APB_FLAG_RENAMES = {"mode": "--cp-mode", "seed": "--apb-seed"}
 
 
 @dataclass
@@ -43,29 +59,28 @@ class Runtime:
 def add_runtime_args(parser, *, dtype_help: str = "default bf16 on GPU, fp32 on CPU"):
     """``--tp`` and ``--dtype``: how a command lays out and runs the model."""
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (CP = processes / TP)")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help=dtype_help)
+    parser.add_argument("--dtype", choices=list(DTYPES), help=dtype_help)
 
 
-def add_apb_args(parser):
-    """The APB layout and kernel flags shared by the commands that run APB attention."""
-    parser.add_argument("--anchor-len", type=int, help="anchor tokens (default: block/4)")
-    parser.add_argument("--passing-len", type=int, help="passing tokens per rank (default: block/8)")
-    parser.add_argument("--query-prefix-len", type=int,
-                        help="document tokens before the query in the anchor (default: the chat header)")
-    parser.add_argument("--backend", default="auto", choices=BACKENDS, help="attention kernel (default: auto)")
+def add_apb_args(parser, *, exclude: Iterable[str] = ()):
+    """One flag per :class:`APBConfig` field but those in ``exclude``, in an argument group
+    of ``parser`` (``mode`` is ``--cp-mode``, ``seed`` is ``--apb-seed``).
 
-
-def apb_config_from_args(args, *, mode: str, compressor: str) -> APBConfig:
-    """The :class:`APBConfig` of ``add_apb_args``'s flags (unset ones keep the defaults;
-    ``APBConfig`` validates the rest)."""
-    return APBConfig(
-        mode=mode,
-        anchor_len=args.anchor_len,
-        passing_len=args.passing_len,
-        compressor=compressor,
-        backend=args.backend,
-        **({"query_prefix_len": args.query_prefix_len} if args.query_prefix_len is not None else {}),
+    Unset flags keep the config's defaults (or the command's, see
+    :func:`apb_config_from_args`); a combination the config rejects is a usage error.
+    """
+    group = parser.add_argument_group(
+        "APB attention", "APBConfig settings (unset: the default, or what the command derives)"
     )
+    group._apb_root_parser = parser  # validate on the parser, not the group
+    add_config_arguments(group, rename=APB_FLAG_RENAMES, exclude=exclude)
+    return group
+
+
+def apb_config_from_args(args, **defaults) -> APBConfig:
+    """The :class:`APBConfig` of :func:`add_apb_args`'s flags: set flags over ``defaults``
+    over the config's defaults (``APBConfig`` validates the result)."""
+    return config_from_namespace(args, rename=APB_FLAG_RENAMES, **defaults)
 
 
 def quiet_warnings():
@@ -89,6 +104,7 @@ def init_runtime(tp: int = 1, dtype: Optional[str] = None, timeout_s: int = 900,
             f"--tp {tp} must divide the number of processes ({world}); CP = processes / TP"
         )
     cuda = torch.cuda.is_available()
+    torch_dtype = parse_dtype(dtype, default=torch.bfloat16 if cuda else torch.float32)
     backend = backend or ("nccl" if cuda else "gloo")
     if backend not in ("nccl", "gloo") or (backend == "nccl" and not cuda):
         raise APBConfigError(f"--comm-backend {backend!r}: use gloo, or nccl on a machine with GPUs")
@@ -112,16 +128,10 @@ def init_runtime(tp: int = 1, dtype: Optional[str] = None, timeout_s: int = 900,
             world_size=world,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
-    from ..megatron import init_cpu_megatron, rank_grid_groups
-
-    init_cpu_megatron()
+    megatron_glue.init_cpu_megatron()
     if not cuda:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    names = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if dtype is not None and dtype not in names:
-        raise APBConfigError(f"--dtype must be one of {sorted(names)}, got {dtype!r}")
-    torch_dtype = names[dtype] if dtype else (torch.bfloat16 if cuda else torch.float32)
-    pg = rank_grid_groups(tp, world // tp)
+    pg = megatron_glue.rank_grid_groups(tp, world // tp)
     return Runtime(
         rank=dist.get_rank(), world=world, tp=tp, cp=world // tp, pg=pg,
         device=torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu"),
@@ -138,13 +148,12 @@ def load_model(path: Optional[str], apb_config: APBConfig, rt: Runtime, *, heads
 
     Returns (model, spec, tokenizer, apb_config).
     """
-    from ..megatron.checkpoint import build_model, default_model_path, load_hf_checkpoint, load_into_model
+    # local: the checkpoints package imports Megatron-Core, and this module builds every parser
+    from ..checkpoints import build_model, default_model_path, load_hf_checkpoint, load_into_model
 
     path = path or default_model_path()
     spec, state, tokenizer = load_hf_checkpoint(path)
     if heads is not None:
-        from ..heads import heads_to_megatron, read_retaining_heads
-
         state.update(
             heads_to_megatron(
                 read_retaining_heads(heads), num_layers=spec.num_layers,
@@ -152,8 +161,6 @@ def load_model(path: Optional[str], apb_config: APBConfig, rt: Runtime, *, heads
                 head_dim=spec.kv_channels,
             )
         )
-    hidden = apb_config.retaining_head_hidden
-    if heads is not None:
         hidden = state[next(k for k in state if k.endswith("retaining_head.fc1.weight"))].shape[0]
         apb_config = apb_config.replace(retaining_head_hidden=hidden)
     model = build_model(

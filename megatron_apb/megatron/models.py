@@ -7,6 +7,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron.core.models.gpt import GPTModel
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.transformer_config import TransformerConfig
+
 from ..config import APBConfig
 from .setup import prepare_model
 from .spec import get_gpt_layer_apb_spec
@@ -20,8 +24,6 @@ def rank_grid_groups(tp_size: int, cp_size: int):
     Returns a Megatron ``ProcessGroupCollection`` with ``tp``, ``cp``, ``pp``, ``embd`` and
     ``dp`` for this rank.
     """
-    from megatron.core.process_groups_config import ProcessGroupCollection
-
     world, rank = dist.get_world_size(), dist.get_rank()
     if world % (tp_size * cp_size) != 0:
         raise ValueError(
@@ -70,8 +72,6 @@ def build_gpt_model(
     ``position_embedding_type`` defaults to ``'rope'``.  ``fused_norm``: see
     :func:`~megatron_apb.megatron.spec.get_gpt_layer_apb_spec`.
     """
-    from megatron.core.models.gpt import GPTModel
-
     spec = get_gpt_layer_apb_spec(
         apb_config,
         base_spec,
@@ -97,8 +97,6 @@ def tiny_transformer_config(**overrides):
 
     For tests and CPU examples; any field can be overridden.
     """
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
     fields = dict(
         num_layers=2,
         hidden_size=96,

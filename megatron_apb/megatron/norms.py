@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 from ..ops.fused import fused_rms_norm
 
@@ -35,6 +36,4 @@ class RMSNormFusedWhenPossible:
     def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs):
         if getattr(config, "normalization", "RMSNorm") == "RMSNorm":
             return FusedRMSNorm(config, hidden_size, eps)
-        from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
         return WrappedTorchNorm(config, hidden_size, eps, **kwargs)

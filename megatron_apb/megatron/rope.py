@@ -9,6 +9,7 @@ anchor at positions 0..anchor-1, so the APB attention takes the *whole* table
 from __future__ import annotations
 
 import torch
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
 Tensor = torch.Tensor
 
@@ -19,8 +20,6 @@ def disable_zigzag_rope(model: torch.nn.Module) -> int:
     Returns how many were changed.  Call once after building a GPTModel that uses APB
     attention with context parallelism (``megatron_apb.megatron.prepare_model`` does).
     """
-    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-
     changed = 0
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):

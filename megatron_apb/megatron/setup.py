@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import torch
+from typing import List
 
+import torch
+from megatron.core.tensor_parallel.random import initialize_rng_tracker
+
+from .core_attention import APBCoreAttention
 from .rope import disable_zigzag_rope
 
 _CPU_SHIMS_DONE = False
@@ -21,32 +25,20 @@ def init_cpu_megatron(seed: int = 1234):
     if torch.cuda.is_available() or _CPU_SHIMS_DONE:
         return
     torch.cuda.current_device = lambda: "cpu"
-    from megatron.core.tensor_parallel.random import initialize_rng_tracker
-
     initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
     torch.manual_seed(seed)
     _CPU_SHIMS_DONE = True
 
 
+def apb_modules(model: torch.nn.Module) -> List[APBCoreAttention]:
+    """The APB core-attention modules of ``model``, in layer order."""
+    return [m for m in model.modules() if isinstance(m, APBCoreAttention)]
+
+
 def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
-    """Make a GPTModel built with the APB spec ready for context-parallel APB.
-
-    * Stops Megatron's rotary embedding from slicing positions for its zig-zag layout (APB
-      indexes the whole table at contiguous-block and anchor positions).
-    * Shares one ``ForwardGuard`` among the APB layers, reset before every forward, so the
-      cross-rank input check runs once per forward instead of once per layer.
-
-    Idempotent; returns ``model``.
-    """
-    from .context import apb_modules
-    from .core_attention import ForwardGuard
-
+    """Make a GPTModel built with the APB spec ready for context-parallel APB: stop
+    Megatron's rotary embedding from slicing positions for its zig-zag layout (APB indexes
+    the whole table at contiguous-block and anchor positions).  Idempotent; returns
+    ``model``."""
     disable_zigzag_rope(model)
-    modules = apb_modules(model)
-    if modules and getattr(model, "_apb_forward_guard", None) is None:
-        guard = ForwardGuard()
-        for module in modules:
-            module.forward_guard = guard
-        model._apb_forward_guard = guard
-        model.register_forward_pre_hook(guard.reset)
     return model

@@ -5,27 +5,26 @@ from __future__ import annotations
 import copy
 from typing import Optional
 
+from megatron.core.models.gpt import gpt_layer_specs
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from ..config import APBConfig
-from .core_attention import APBCoreAttention, APBSelfAttention
+from .core_attention import APBCoreAttention
+from .norms import FusedRMSNorm, RMSNormFusedWhenPossible
+from .self_attention import APBSelfAttention
+
+try:  # Transformer Engine is an optional accelerator, never required
+    import transformer_engine  # noqa: F401
+
+    HAVE_TE = True
+except Exception:
+    HAVE_TE = False
 
 
-def _have_te() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def bind_core_attention(apb_config: APBConfig) -> type:
-    """An ``APBCoreAttention`` class bound to ``apb_config``.
-
-    Megatron calls the ``core_attention`` builder with its own fixed keywords, so the
-    config travels as a class attribute of a small subclass.
-    """
-    return type("APBCoreAttention", (APBCoreAttention,), {"apb_config": apb_config})
+def core_attention_spec(apb_config: Optional[APBConfig] = None) -> ModuleSpec:
+    """The ``core_attention`` submodule spec: :class:`APBCoreAttention` with its settings
+    in ``params`` (Megatron's ``build_module`` passes them to the constructor)."""
+    return ModuleSpec(module=APBCoreAttention, params={"apb_config": apb_config or APBConfig()})
 
 
 def get_gpt_layer_apb_spec(
@@ -49,19 +48,14 @@ def get_gpt_layer_apb_spec(
             other norms); ``False``: Megatron's own norm.
     Returns:
         A copy of ``base_spec`` whose ``self_attention`` is :class:`APBSelfAttention` and
-        whose ``core_attention`` is :class:`APBCoreAttention`.
+        whose ``core_attention`` is ``ModuleSpec(APBCoreAttention, params={"apb_config": ...})``.
 
     After building the model, call ``megatron_apb.megatron.prepare_model(model)`` so the
     rotary table is not sliced for Megatron's zig-zag layout.
     """
-    apb_config = apb_config or APBConfig()
     if base_spec is None:
-        from megatron.core.models.gpt import gpt_layer_specs
-
-        if _have_te():
-            base_spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
-                qk_layernorm=qk_layernorm
-            )
+        if HAVE_TE:
+            base_spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
         else:
             base_spec = gpt_layer_specs.get_gpt_layer_local_spec(
                 normalization=normalization, qk_layernorm=qk_layernorm
@@ -71,12 +65,10 @@ def get_gpt_layer_apb_spec(
     if not isinstance(attention, ModuleSpec) or not hasattr(attention.submodules, "core_attention"):
         raise ValueError("base_spec has no self_attention.submodules.core_attention to replace")
     attention.module = APBSelfAttention
-    attention.submodules.core_attention = bind_core_attention(apb_config)
+    attention.submodules.core_attention = core_attention_spec(apb_config)
     if fused_norm is not False:
         if fused_norm and normalization != "RMSNorm":
             raise ValueError(f"fused_norm fuses RMSNorm; normalization is {normalization!r}")
-        from .norms import FusedRMSNorm, RMSNormFusedWhenPossible
-
         norm = FusedRMSNorm if fused_norm else RMSNormFusedWhenPossible
         for name in ("input_layernorm", "pre_mlp_layernorm"):
             current = getattr(spec.submodules, name, None)

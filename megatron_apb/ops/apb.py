@@ -1,5 +1,8 @@
 """The per-host APB attention op (no communication): anchor, passing block and local block.
 
+This is the one implementation: :func:`megatron_apb.parallel.apb.apb_context_attention`
+calls it with the passing block still in flight (``passing_fn``).
+
 Queries are ``[A; B]`` (anchor rows, then local rows) and keys/values ``[A; P; B]``:
 
 * anchor rows attend causally within the anchor only;
@@ -11,12 +14,12 @@ the LSE serves: anchor-vs-anchor (causal), local-vs-[A; P] (no mask), local-vs-B
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 
 from .attention import attention_with_lse, check_shapes
-from .merge import merge_attention
+from .merge import concat_merged, merge_attention
 
 Tensor = torch.Tensor
 
@@ -29,6 +32,8 @@ def apb_attention(
     anchor_len: int,
     passing_k: Optional[Tensor] = None,
     passing_v: Optional[Tensor] = None,
+    passing_fn: Optional[Callable[[], Optional[Tuple[Tensor, Tensor]]]] = None,
+    anchor_visible: bool = True,
     softmax_scale: Optional[float] = None,
     return_lse: bool = False,
     backend: str = "auto",
@@ -41,6 +46,11 @@ def apb_attention(
         anchor_len: rows of the anchor (0 for the first host).
         passing_k, passing_v: [batch, P, kv_heads, head_dim], the passing block (P may be
             0; None means no passing block).
+        passing_fn: instead of ``passing_k``/``passing_v``: called once, after the local
+            rows' attention to their own block, returning ``(passing_k, passing_v)`` or
+            None, so that a gather of the passing block in flight overlaps that work.
+        anchor_visible: whether the local rows attend to the anchor (every host but the
+            first, which may hold the anchor only for scoring).
         softmax_scale: defaults to 1/sqrt(head_dim).
         return_lse: also return the natural-log LSE, float32 [batch, heads, seq].
         backend: see :func:`megatron_apb.ops.attention.attention_with_lse`.
@@ -53,15 +63,16 @@ def apb_attention(
         l        1 1 1 1 1 0 0
         l        1 1 1 1 1 1 0
         l        1 1 1 1 1 1 1
+
+    It is computed as three standard calls merged by log-sum-exp, so any kernel that
+    returns the LSE serves: anchor-vs-anchor (causal), local-vs-own block (causal),
+    local-vs-[A; P] (no mask).  Without ``return_lse`` the merge is written straight into
+    the output after the anchor rows (:func:`~megatron_apb.ops.merge.concat_merged`).
     """
     check_shapes(q, k, v)
-    if (passing_k is None) != (passing_v is None):
-        raise ValueError("pass both passing_k and passing_v, or neither")
-    if passing_k is not None and passing_k.shape != passing_v.shape:
-        raise ValueError(
-            f"passing_k {tuple(passing_k.shape)} and passing_v {tuple(passing_v.shape)} must "
-            "have the same shape"
-        )
+    if passing_fn is not None and passing_k is not None:
+        raise ValueError("pass passing_k/passing_v or passing_fn, not both")
+    _check_passing(k, passing_k, passing_v)
     seq = q.shape[1]
     if not 0 <= anchor_len <= seq:
         raise ValueError(f"anchor_len={anchor_len} must lie in [0, seq={seq}]")
@@ -69,48 +80,44 @@ def apb_attention(
         raise ValueError(
             f"q, k and v must have the same rows (anchor + local); got {seq}, {k.shape[1]}, {v.shape[1]}"
         )
-    if passing_k is not None and (
-        passing_k.shape[0] != k.shape[0] or passing_k.shape[2:] != k.shape[2:]
-    ):
+    la = anchor_len
+    kw = dict(softmax_scale=softmax_scale, backend=backend)
+    anchor = attention_with_lse(q[:, :la], k[:, :la], v[:, :la], causal=True, **kw)
+    ql, kl, vl = q[:, la:], k[:, la:], v[:, la:]
+    own = attention_with_lse(ql, kl, vl, causal=True, **kw)  # the largest part: overlaps a gather
+    if passing_fn is not None:
+        passing_k, passing_v = passing_fn() or (None, None)
+        _check_passing(k, passing_k, passing_v)
+    context_k, context_v = [], []
+    if la > 0 and anchor_visible:
+        context_k.append(k[:, :la]), context_v.append(v[:, :la])
+    if passing_k is not None and passing_k.shape[1] > 0:
+        context_k.append(passing_k.to(k.dtype)), context_v.append(passing_v.to(v.dtype))
+    if not context_k:
+        out, lse = own
+    else:  # anchor and passing block in one unmasked call, merged with the own block
+        ctx = attention_with_lse(ql, torch.cat(context_k, dim=1), torch.cat(context_v, dim=1), causal=False, **kw)
+        if not return_lse:
+            return concat_merged(anchor[0], [own[0], ctx[0]], [own[1], ctx[1]])
+        out, lse = merge_attention([own[0], ctx[0]], [own[1], ctx[1]])
+    if la > 0:
+        out = torch.cat([anchor[0], out.to(anchor[0].dtype)], dim=1)
+        lse = torch.cat([anchor[1], lse], dim=2)
+    return (out, lse) if return_lse else out
+
+
+def _check_passing(k, passing_k, passing_v):
+    if (passing_k is None) != (passing_v is None):
+        raise ValueError("pass both passing_k and passing_v, or neither")
+    if passing_k is None:
+        return
+    if passing_k.shape != passing_v.shape:
+        raise ValueError(
+            f"passing_k {tuple(passing_k.shape)} and passing_v {tuple(passing_v.shape)} must "
+            "have the same shape"
+        )
+    if passing_k.shape[0] != k.shape[0] or passing_k.shape[2:] != k.shape[2:]:
         raise ValueError(
             f"passing_k {tuple(passing_k.shape)} must be [batch, P, kv_heads, head_dim] matching "
             f"k {tuple(k.shape)}"
         )
-    la = anchor_len
-    anchor = attention_with_lse(
-        q[:, :la], k[:, :la], v[:, :la], causal=True, softmax_scale=softmax_scale, backend=backend
-    )
-    local = local_attention_parts(
-        q[:, la:],
-        k[:, la:],
-        v[:, la:],
-        context_k=_cat(k[:, :la], passing_k),
-        context_v=_cat(v[:, :la], passing_v),
-        softmax_scale=softmax_scale,
-        backend=backend,
-    )
-    out = torch.cat([anchor[0], local[0]], dim=1)
-    if not return_lse:
-        return out
-    return out, torch.cat([anchor[1], local[1]], dim=2)
-
-
-def local_attention_parts(
-    q_local, k_local, v_local, *, context_k, context_v, softmax_scale=None, backend="auto"
-):
-    """Local rows over an unmasked context (anchor, passing) plus their own block, causally."""
-    own = attention_with_lse(
-        q_local, k_local, v_local, causal=True, softmax_scale=softmax_scale, backend=backend
-    )
-    if context_k is None or context_k.shape[1] == 0:
-        return own
-    ctx = attention_with_lse(
-        q_local, context_k, context_v, causal=False, softmax_scale=softmax_scale, backend=backend
-    )
-    return merge_attention([own[0], ctx[0]], [own[1], ctx[1]])
-
-
-def _cat(anchor_part, passing_part):
-    if passing_part is None or passing_part.shape[1] == 0:
-        return anchor_part
-    return torch.cat([anchor_part, passing_part.to(anchor_part.dtype)], dim=1)

@@ -32,6 +32,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..config import BACKENDS
 from .merge import merge_attention
 from .reference import causal_mask, reference_attention
 
@@ -81,7 +82,6 @@ def attention_with_lse(
     raise ValueError(f"unknown attention backend {backend!r}")
 
 
-BACKENDS = ("auto", "sdpa", "cudnn", "flash", "efficient", "flex", "math", "reference")
 _FUSED = ("sdpa", "cudnn", "flash", "efficient")
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -313,6 +313,7 @@ def _probe_native_gqa(backend, device) -> bool:
 
 
 def _flex_attention(q, k, v, causal, scale):
+    # local: FlexAttention's module compiles kernels on import; only the flex backend needs it
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     sq, sk = q.shape[1], k.shape[1]
@@ -326,6 +327,7 @@ def _flex_attention(q, k, v, causal, scale):
         block_mask = create_block_mask(mask_mod, None, None, sq, sk, device=q.device)
     kwargs = dict(block_mask=block_mask, scale=scale, enable_gqa=q.shape[2] != k.shape[2])
     try:  # torch >= 2.9 reports the LSE through an AuxRequest
+        # local: AuxRequest exists from torch 2.9 on; older releases take the except branch
         from torch.nn.attention.flex_attention import AuxRequest
 
         out, aux = _flex_fn(flex_attention, q.device)(

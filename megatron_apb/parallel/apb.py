@@ -4,27 +4,27 @@ Host ``r`` holds ``[A; B_r]`` (no anchor on host 0).  Per layer:
 
 1. score its local rows and keep the top ``passing_len`` per KV head (post-RoPE K, V);
 2. start the all-gather of that compressed block over the group;
-3. while it travels, attend anchor-vs-anchor (causal), local-vs-anchor and local-vs-own
-   block (causal);
-4. wait, attend local rows to the passing block ``P_r = C_0 .. C_{r-1}``, merge by LSE.
+3. while it travels, attend anchor-vs-anchor (causal) and local-vs-own block (causal);
+4. wait, attend local rows to ``[A; P_r]`` with ``P_r = C_0 .. C_{r-1}``, merge by LSE.
 
-Star Attention is the same with ``passing_len = 0`` (no communication at all).
+Steps 3-4 are the per-host op :func:`megatron_apb.ops.apb.apb_attention`; this module
+adds the scoring and the gather.  Star Attention is the same with ``passing_len = 0``
+(no communication at all).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from ..comm import all_gather_async, group_rank, group_size
 from ..compress import select_passing
 from ..config import CPLayout
-from ..ops.attention import attention_with_lse
-from ..ops.merge import concat_merged
+from ..ops.apb import apb_attention
+from .algorithm import CPAlgorithm, Scorer, register_algorithm
 
 Tensor = torch.Tensor
-Scorer = Callable[[], Tensor]  # () -> float32 [batch, block_len, kv_heads]
 
 
 def apb_context_attention(
@@ -37,6 +37,7 @@ def apb_context_attention(
     scorer: Optional[Scorer] = None,
     softmax_scale: Optional[float] = None,
     backend: str = "auto",
+    local_only: bool = False,
 ) -> Tensor:
     """APB attention for this host.
 
@@ -46,6 +47,7 @@ def apb_context_attention(
         layout: the resolved prompt layout (same on every rank).
         group: the context-parallel process group (None: a single host).
         scorer: returns the scores of this host's block rows; needed when passing_len > 0.
+        local_only: benchmarks only: no collective (the result is then wrong).
     Returns:
         [batch, anchor + block, heads, head_dim].
     """
@@ -57,33 +59,24 @@ def apb_context_attention(
             f"{layout.block_len}; shard the prompt with the same layout on every rank"
         )
     passing = layout.passing_len if world > 1 else 0
-    pending = None
+    passing_fn = None
     if passing > 0:
         if scorer is None:
             raise ValueError("passing_len > 0 needs a scorer for the local rows")
-        pending = all_gather_async(_compressed_block(q, k, v, la, passing, rank, world, scorer), group)
+        block = _compressed_block(q, k, v, la, passing, rank, world, scorer)
+        pending = all_gather_async(block, group, local_only=local_only)
 
-    kw = dict(softmax_scale=softmax_scale, backend=backend)
-    anchor = attention_with_lse(q[:, :la], k[:, :la], v[:, :la], causal=True, **kw)
-    ql, kl, vl = q[:, la:], k[:, la:], v[:, la:]
-    own = attention_with_lse(ql, kl, vl, causal=True, **kw)  # the largest part: overlaps the gather
-    context_k, context_v = [], []
-    if la > 0 and layout.anchor_visible_on(rank):
-        context_k.append(k[:, :la]), context_v.append(v[:, :la])
-    if pending is not None:
-        gathered = pending.wait()  # [world, batch, passing, kv_heads, 2*head_dim]
-        if rank > 0:
+        def passing_fn():
+            gathered = pending.wait()  # [world, batch, passing, kv_heads, 2*head_dim]
+            if rank == 0:
+                return None
             blocks = gathered[:rank].permute(1, 0, 2, 3, 4).flatten(1, 2)
-            pk, pv = blocks.chunk(2, dim=-1)
-            context_k.append(pk), context_v.append(pv)
-    if not context_k:
-        return own[0] if la == 0 else torch.cat([anchor[0], own[0]], dim=1)
-    # anchor and passing block in one unmasked call, then one merge with the own block,
-    # written straight after the anchor rows
-    ctx = attention_with_lse(
-        ql, torch.cat(context_k, dim=1), torch.cat(context_v, dim=1), causal=False, **kw
+            return blocks.chunk(2, dim=-1)
+
+    return apb_attention(
+        q, k, v, anchor_len=la, passing_fn=passing_fn, anchor_visible=layout.anchor_visible_on(rank),
+        softmax_scale=softmax_scale, backend=backend,
     )
-    return concat_merged(anchor[0], [own[0], ctx[0]], [own[1], ctx[1]])
 
 
 def _compressed_block(q, k, v, la, passing, rank, world, scorer):
@@ -94,3 +87,13 @@ def _compressed_block(q, k, v, la, passing, rank, world, scorer):
     scores = scorer()
     k_sel, v_sel, _ = select_passing(scores, k[:, la:], v[:, la:], passing)
     return torch.cat([k_sel, v_sel], dim=-1)
+
+
+register_algorithm(CPAlgorithm(
+    name="apb", attention=apb_context_attention, uses_anchor=True, passes_blocks=True, exact=False,
+    description="anchor + compressed passing blocks (approximate prefill)",
+))
+register_algorithm(CPAlgorithm(
+    name="star", attention=apb_context_attention, uses_anchor=True, passes_blocks=False, exact=False,
+    description="Star Attention: an anchor of up to a block, nothing passed (approximate)",
+))

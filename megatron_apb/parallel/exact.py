@@ -1,8 +1,7 @@
-"""Exact causal attention over a context-parallel group by all-gathering K and V.
+"""Exact context parallelism by all-gathering every rank's K/V ("all-gather CP").
 
-Rank r holds the contiguous block r of the sequence.  It gathers every block's K and V,
-attends its queries to blocks 0..r-1 without a mask and to its own block causally, and
-merges the two by LSE.  The gather runs while the own-block part computes.
+Rank r attends causally to its own block and, unmasked, to the blocks of ranks < r,
+gathered while it computes its own part; the two are merged by log-sum-exp.
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ import torch
 from ..comm import all_gather_async, group_rank
 from ..ops.attention import attention_with_lse
 from ..ops.merge import merge_attention
+from .algorithm import CPAlgorithm, register_algorithm
 
 Tensor = torch.Tensor
 
@@ -26,11 +26,13 @@ def exact_context_attention(
     group,
     softmax_scale: Optional[float] = None,
     backend: str = "auto",
+    local_only: bool = False,
+    **unused,
 ) -> Tensor:
     """Exact attention for contiguous blocks; q, k, v [batch, block, heads, head_dim]."""
     rank = group_rank(group)
     kw = dict(softmax_scale=softmax_scale, backend=backend)
-    pending = all_gather_async(torch.cat([k, v], dim=-1), group)
+    pending = all_gather_async(torch.cat([k, v], dim=-1), group, local_only=local_only)
     own = attention_with_lse(q, k, v, causal=True, **kw)
     gathered = pending.wait()  # [world, batch, block, kv_heads, 2*head_dim]
     if rank == 0:
@@ -39,3 +41,9 @@ def exact_context_attention(
     pk, pv = earlier.chunk(2, dim=-1)
     ctx = attention_with_lse(q, pk, pv, causal=False, **kw)
     return merge_attention([own[0], ctx[0]], [own[1], ctx[1]])[0]
+
+
+register_algorithm(CPAlgorithm(
+    name="exact", attention=exact_context_attention, exact=True,
+    description="all-gather context parallelism (exact)",
+))

@@ -14,6 +14,7 @@ import torch
 from ..comm import all_to_all_heads, group_size
 from ..config import APBConfigError
 from ..ops.attention import attention_with_lse
+from .algorithm import CPAlgorithm, register_algorithm
 
 Tensor = torch.Tensor
 
@@ -26,6 +27,7 @@ def ulysses_attention(
     group,
     softmax_scale: Optional[float] = None,
     backend: str = "auto",
+    **unused,
 ) -> Tensor:
     """Exact causal attention; q, k, v [batch, block, heads | kv_heads, head_dim], equal blocks."""
     world = group_size(group)
@@ -44,3 +46,9 @@ def ulysses_attention(
     vh = all_to_all_heads(v, group, scatter_heads=True)
     out, _ = attention_with_lse(qh, kh, vh, causal=True, softmax_scale=softmax_scale, backend=backend)
     return all_to_all_heads(out, group, scatter_heads=False)
+
+
+register_algorithm(CPAlgorithm(
+    name="ulysses", attention=ulysses_attention, exact=True,
+    description="all-to-all head parallelism (exact)",
+))

@@ -17,6 +17,7 @@ import os
 from typing import Dict, List, Tuple
 
 import torch
+from safetensors.torch import load_file, save_file
 import torch.distributed as dist
 
 from ..comm import collective_device, group_rank, group_size
@@ -30,7 +31,7 @@ from ..heads import (
     save_retaining_heads,
     unshard_retaining_head,
 )
-from ..megatron.context import apb_modules
+from ..megatron.setup import apb_modules
 
 HEADS_FILE = "heads.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -120,8 +121,6 @@ def save_training_state(directory: str, heads, optimizer, *, step: int, config: 
         moments[name] = gather_tensors(heads, shards)
     if not write:
         return
-    from safetensors.torch import save_file
-
     os.makedirs(directory, exist_ok=True)
     save_retaining_heads(os.path.join(directory, HEADS_FILE), full)
     flat = {}
@@ -139,8 +138,6 @@ def save_training_state(directory: str, heads, optimizer, *, step: int, config: 
 def load_training_state(directory: str, heads, optimizer) -> dict:
     """Load what :func:`save_training_state` wrote into ``heads`` and ``optimizer`` (this TP
     rank's shards); returns the JSON state (``step``, ``config``, ``history``)."""
-    from safetensors.torch import load_file
-
     path = os.path.join(directory, STATE_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"cannot resume: {path} does not exist (was {directory!r} written by train-heads?)")

@@ -12,19 +12,32 @@ import os
 import sys
 import time
 
+import torch.distributed as dist
+
+from ..errors import APBConfigError, CheckpointError
+from ..heads import convert_retaining_heads
+from ..inference.launch import add_apb_args, add_runtime_args, apb_config_from_args, init_runtime, load_model
+from .config import TrainConfig
+from .data import builtin_records, read_jsonl, tokenize_records
+
 LOG_FILE = "train_log.json"
+#: APBConfig fields train-heads takes no flag for: the labels come from one exact forward,
+#: so APB's layout and scorer do not apply, and the heads' width and seed are --hidden and
+#: --seed.  Every other field (the kernel, the fused RoPE, ...) is a flag.
+NOT_TRAINING_FIELDS = (
+    "mode", "anchor_len", "passing_len", "anchor_ratio", "passing_ratio", "query_in_anchor",
+    "query_prefix_len", "compressor", "smoothing_kernel", "retaining_head_hidden", "seed",
+)
 
 
 def _data(args, tokenizer, log):
     """(train records, held-out records, description)."""
-    from .data import builtin_records, read_jsonl
-
     if args.data:
         records = read_jsonl(args.data)
         if args.eval_data:
             return records, read_jsonl(args.eval_data), f"{args.data} (held out: {args.eval_data})"
         if args.eval_samples and len(records) <= args.eval_samples:
-            raise ValueError(
+            raise APBConfigError(
                 f"{args.data} has {len(records)} records, not more than --eval-samples {args.eval_samples}; "
                 "add records, lower --eval-samples or pass --eval-data"
             )
@@ -41,8 +54,6 @@ def _data(args, tokenizer, log):
 
 
 def _config(args):
-    from .config import TrainConfig
-
     warmup = args.warmup if args.warmup is not None else min(100, args.steps // 10)
     return TrainConfig(
         steps=args.steps, lr=args.lr, warmup_steps=warmup, schedule=args.schedule, clip_norm=args.clip,
@@ -54,23 +65,17 @@ def _config(args):
 def cmd_train_heads(args) -> int:
     """Train retaining heads for a frozen model; see ``megatron-apb train-heads -h``."""
     if bool(args.data) == bool(args.builtin_data):
-        raise ValueError("give the training data once: --data FILE.jsonl or --builtin-data [tasks|passkey]")
+        raise APBConfigError("give the training data once: --data FILE.jsonl or --builtin-data [tasks|passkey]")
     for path in (args.data, args.eval_data):
         if path and not os.path.isfile(path):
             raise FileNotFoundError(f"data file {path!r} does not exist")
     if args.data:  # check the file before the (slow) model load
-        from .data import read_jsonl
-
         read_jsonl(args.data)
     config = _config(args)
     if args.resume and not os.path.isfile(os.path.join(args.resume, "trainer_state.json")):
         raise FileNotFoundError(f"--resume {args.resume}: no trainer_state.json there (a train-heads --output directory)")
-
-    import torch.distributed as dist
-
-    from ..config import APBConfig
-    from ..inference.launch import init_runtime, load_model
-    from .data import tokenize_records
+    apb_config = apb_config_from_args(args, mode="exact")
+    # local: the trainer imports Megatron-Core; parsing and the checks above must not wait for it
     from .trainer import RetainingHeadTrainer
 
     start = time.perf_counter()
@@ -78,9 +83,9 @@ def cmd_train_heads(args) -> int:
     log = (lambda msg: print(msg, flush=True)) if rt.is_main else (lambda msg: None)
     log(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'} on {rt.world} process(es): "
         f"TP={rt.tp} x CP={rt.cp}, {str(rt.dtype).replace('torch.', '')} on {rt.device.type}")
-    model, spec, tokenizer, _ = load_model(args.model, APBConfig(mode="exact"), rt)
+    model, spec, tokenizer, _ = load_model(args.model, apb_config, rt)
     if tokenizer is None:
-        raise ValueError(f"{args.model}: no tokenizer found next to the weights")
+        raise CheckpointError(f"{args.model}: no tokenizer found next to the weights")
     train_records, eval_records, source = _data(args, tokenizer, log)
     train = tokenize_records(tokenizer, train_records, max_length=args.max_length)
     held_out = tokenize_records(tokenizer, eval_records, max_length=args.max_length) if eval_records else []
@@ -121,8 +126,6 @@ def cmd_train_heads(args) -> int:
 
 def cmd_convert_heads(args) -> int:
     """Rewrite a retaining-head file under the reference or the Megatron names."""
-    from ..heads import convert_retaining_heads
-
     info = convert_retaining_heads(args.input, args.output, to=args.to)
     print(f"wrote {args.output}: {info['layers']} layers, {info['hidden']} wide, {args.to} names")
     return 0
@@ -130,8 +133,6 @@ def cmd_convert_heads(args) -> int:
 
 def add_training_parsers(sub) -> None:
     """Add ``train-heads`` and ``convert-heads`` to the ``megatron-apb`` subcommands."""
-    from ..inference.launch import add_runtime_args
-
     p = sub.add_parser(
         "train-heads",
         help="fine-tune retaining heads for a frozen model (torchrun: CP = processes / --tp)",
@@ -161,8 +162,9 @@ def add_training_parsers(sub) -> None:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--output", required=True, help="directory for heads.safetensors, train_log.json, checkpoints")
     p.add_argument("--resume", help="continue from this --output directory of an earlier run")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the fresh heads, the sample order and built-in data")
     add_runtime_args(p, dtype_help="model dtype (default bf16 on GPU, fp32 on CPU)")
+    add_apb_args(p, exclude=NOT_TRAINING_FIELDS)
     p.set_defaults(func=cmd_train_heads)
 
     c = sub.add_parser("convert-heads", help="rewrite retaining heads under reference or Megatron names")

@@ -7,7 +7,7 @@ labels); without a template, ``bos + prompt + "\\n"`` and ``answer + eos``.
 
 Sources: a JSONL file of ``{"prompt": ..., "answer": ...}`` lines (:func:`read_jsonl`), or
 built-in offline prompts (:func:`builtin_records`): a mix of the RULER-style tasks of
-``megatron_apb.eval.tasks`` (retrieval, multi-key retrieval, variable tracking,
+:mod:`megatron_apb.data` (retrieval, multi-key retrieval, variable tracking,
 aggregation) or the pass-key prompt.
 """
 
@@ -17,6 +17,9 @@ import json
 import random
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
+
+from ..data import TASKS, generate_samples, passkey_prompt
+from ..errors import APBConfigError
 
 # retrieval, multi-key retrieval, variable tracking, aggregation
 TASK_MIX = ("niah_single_2", "niah_multikey_1", "vt", "cwe")
@@ -62,17 +65,17 @@ def read_jsonl(path: str) -> List[Record]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
+                raise APBConfigError(f"{where}: not valid JSON ({exc.msg})") from None
             if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected an object with 'prompt' and 'answer', got {type(obj).__name__}")
+                raise APBConfigError(f"{where}: expected an object with 'prompt' and 'answer', got {type(obj).__name__}")
             for key in ("prompt", "answer"):
                 if key not in obj:
-                    raise ValueError(f"{where}: missing key {key!r} (each line needs 'prompt' and 'answer')")
+                    raise APBConfigError(f"{where}: missing key {key!r} (each line needs 'prompt' and 'answer')")
                 if not isinstance(obj[key], str) or not obj[key].strip():
-                    raise ValueError(f"{where}: {key!r} must be a non-empty string, got {obj[key]!r:.40}")
+                    raise APBConfigError(f"{where}: {key!r} must be a non-empty string, got {obj[key]!r:.40}")
             records.append(Record(obj["prompt"], obj["answer"], where))
     if not records:
-        raise ValueError(f"{path}: no records (expected JSON lines with 'prompt' and 'answer')")
+        raise APBConfigError(f"{path}: no records (expected JSON lines with 'prompt' and 'answer')")
     return records
 
 
@@ -102,11 +105,11 @@ def tokenize_record(tokenizer, record: Record, *, max_length: int, overflow: str
     dropped (``overflow="skip"``: returns None).
     """
     if overflow not in ("truncate", "skip"):
-        raise ValueError(f"overflow must be 'truncate' or 'skip', got {overflow!r}")
+        raise APBConfigError(f"overflow must be 'truncate' or 'skip', got {overflow!r}")
     head, tail = split_chat(tokenizer, record.prompt, record.answer)
     prompt_ids, answer_ids = _encode(tokenizer, head), _encode(tokenizer, tail)
     if not answer_ids:
-        raise ValueError(f"{record.source}: the answer has no tokens")
+        raise APBConfigError(f"{record.source}: the answer has no tokens")
     answer_ids = answer_ids[: max(1, max_length // 4)]
     budget = max_length - len(answer_ids)
     truncated = len(prompt_ids) > budget
@@ -124,7 +127,7 @@ def tokenize_records(tokenizer, records: Sequence[Record], *, max_length: int, o
     Raises ``ValueError`` when nothing is left (naming ``max_length`` / the sources).
     """
     if max_length < 16:
-        raise ValueError(f"max_length must be >= 16 tokens, got {max_length}")
+        raise APBConfigError(f"max_length must be >= 16 tokens, got {max_length}")
     out = []
     for record in records:
         sample = tokenize_record(tokenizer, record, max_length=max_length, overflow=overflow)
@@ -132,7 +135,7 @@ def tokenize_records(tokenizer, records: Sequence[Record], *, max_length: int, o
             out.append(sample)
     if not out:
         first = records[0].source if records else "(no records)"
-        raise ValueError(
+        raise APBConfigError(
             f"no usable samples among {len(records)} records (first: {first}): prompts need at "
             f">= {min_prompt_tokens} tokens and, with overflow='skip', must fit max_length={max_length}"
         )
@@ -144,17 +147,16 @@ def builtin_records(tokenizer, *, num_samples: int, length: int, seed: int, kind
 
     ``kind="tasks"``: round-robin over ``tasks`` (default :data:`TASK_MIX`: one retrieval,
     one multi-key retrieval, one variable-tracking and one aggregation task of
-    ``megatron_apb.eval.tasks``), each sample's answer the task's answer prefix and
-    answers, drawn from ``TRAIN_SEED_OFFSET + seed`` (never the eval suite's prompts).  ``kind="passkey"``: the pass-key prompt of
-    :func:`megatron_apb.inference.prompts.passkey_prompt` at a random depth.
+    :mod:`megatron_apb.data`), each sample's answer the task's answer prefix and answers,
+    drawn from ``TRAIN_SEED_OFFSET + seed`` (never the eval suite's prompts).
+    ``kind="passkey"``: the pass-key prompt of :func:`megatron_apb.data.passkey_prompt` at
+    a random depth.
     """
     if num_samples < 1:
-        raise ValueError(f"the number of samples must be >= 1, got {num_samples}")
+        raise APBConfigError(f"the number of samples must be >= 1, got {num_samples}")
     if length < 32:
-        raise ValueError(f"the built-in prompt length must be >= 32 tokens, got {length}")
+        raise APBConfigError(f"the built-in prompt length must be >= 32 tokens, got {length}")
     if kind == "passkey":
-        from ..inference.prompts import passkey_prompt
-
         rng = random.Random(seed)
         out = []
         for i in range(num_samples):
@@ -164,15 +166,11 @@ def builtin_records(tokenizer, *, num_samples: int, length: int, seed: int, kind
             out.append(Record(document + "\n\n" + question, key, f"builtin:passkey#{i}"))
         return out
     if kind != "tasks":
-        raise ValueError(f"built-in data kind must be 'tasks' or 'passkey', got {kind!r}")
-    try:
-        from ..eval.tasks import TASKS, generate_samples
-    except ImportError as exc:
-        raise ValueError(f"built-in task data needs megatron_apb.eval.tasks ({exc}); use --builtin-data passkey or --data FILE") from None
+        raise APBConfigError(f"built-in data kind must be 'tasks' or 'passkey', got {kind!r}")
     names = list(tasks) if tasks else list(TASK_MIX)
     unknown = [t for t in names if t not in TASKS]
     if unknown:
-        raise ValueError(f"unknown tasks {unknown}; available: {sorted(TASKS)}")
+        raise APBConfigError(f"unknown tasks {unknown}; available: {sorted(TASKS)}")
     counts = [num_samples // len(names) + (i < num_samples % len(names)) for i in range(len(names))]
     per_task = {
         t: generate_samples(tokenizer, t, length, c, TRAIN_SEED_OFFSET + seed) if c else []

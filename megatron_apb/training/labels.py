@@ -33,8 +33,10 @@ import torch.nn.functional as F
 
 from ..comm import collective_device, group_rank, group_size
 from ..config import APBConfig, CPLayout
-from ..megatron.context import apb_modules, apb_runtime
+from ..forward import ForwardContext
+from ..megatron.adapter import MegatronAdapter
 from ..megatron.rope import apply_rope, rope_positions, table_rows
+from ..megatron.setup import apb_modules
 
 Tensor = torch.Tensor
 
@@ -114,7 +116,7 @@ def _answer_rows(q: Tensor, offset: int, prompt_len: int, answer_len: int, group
 
 @contextlib.contextmanager
 def _pre_hooks(modules, hook):
-    handles = [m.register_forward_pre_hook(hook) for m in modules]
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
     try:
         yield
     finally:
@@ -152,14 +154,15 @@ def sample_features(model, prompt_ids: Sequence[int], answer_ids: Sequence[int],
     qs, ks, vs = [None] * len(modules), [None] * len(modules), [None] * len(modules)
     labels = [None] * len(modules)
 
-    def capture(module, args):
+    def capture(module, args, kwargs):
         i = index[id(module)]
+        table = kwargs.get("rotary_pos_emb")
         q_pre, k_pre, v = (t.transpose(0, 1) for t in args[:3])  # Megatron [s, b, h, d] -> [b, s, h, d]
         if q_pre.shape[0] != 1 or q_pre.shape[1] != block:
             raise RuntimeError(f"expected 1 x {block} rows in layer {i}, got {tuple(q_pre.shape[:2])}")
         q, k = q_pre, k_pre
-        if module.rotary_table is not None:  # the same rotation the attention applies
-            freqs = table_rows(module.rotary_table, rope_positions(layout, rank, device=q.device), cp, block)
+        if table is not None:  # the same rotation the attention applies
+            freqs = table_rows(table, rope_positions(layout, rank, device=q.device), cp, block)
             q = apply_rope(q_pre, freqs, module.rotary_interleaved)
             k = apply_rope(k_pre, freqs, module.rotary_interleaved)
         q_answer = _answer_rows(q[0], offset, prompt_len, answer_len, cp_group)  # [A, heads, d]
@@ -169,13 +172,15 @@ def sample_features(model, prompt_ids: Sequence[int], answer_ids: Sequence[int],
             raise _Stop
 
     exact = APBConfig(mode="exact", backend=modules[0].apb_config.backend)
-    with torch.no_grad(), apb_runtime(model, config=exact), _pre_hooks(modules, capture):
+    adapter = MegatronAdapter(model)
+    context = ForwardContext.prefill(config=exact, rotary_table=adapter.rotary_table(block * cp))
+    with torch.no_grad(), _pre_hooks(modules, capture):
         try:
-            model(local, None, None)
+            adapter.run_layers(adapter.embed(local), context)
         except _Stop:
             pass
     if any(x is None for x in labels):
-        raise RuntimeError("not every APB attention layer ran; is the model's forward the GPTModel's?")
+        raise RuntimeError("not every APB attention layer ran; is the model a GPTModel built with the APB spec?")
     return SampleFeatures(
         q=qs, k=ks, v=vs, labels=torch.stack(labels), prompt_len=prompt_len,
         start=min(offset, prompt_len), block_len=block,

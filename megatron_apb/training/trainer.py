@@ -18,11 +18,12 @@ import time
 from typing import Callable, Optional, Sequence
 
 import torch
+from tqdm import tqdm
 import torch.distributed as dist
 
 from ..comm import group_rank, group_size
 from ..compress import random_scores
-from ..megatron.context import apb_modules
+from ..megatron.setup import apb_modules
 from .checkpoint import build_retaining_heads, load_training_state, save_training_state
 from .config import TrainConfig
 from .labels import SampleFeatures, sample_features
@@ -180,8 +181,6 @@ class RetainingHeadTrainer:
             self._eval(eval_samples)
         bar = None
         if self.progress:
-            from tqdm import tqdm
-
             bar = tqdm(total=cfg.steps, initial=self.step, desc="train-heads", unit="step", dynamic_ncols=True)
         start, first = time.perf_counter(), self.step
         try:

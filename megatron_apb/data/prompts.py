@@ -12,6 +12,9 @@ import random
 from dataclasses import dataclass
 from typing import List
 
+from ..errors import APBConfigError
+from .material import NOISE
+
 _SPLIT = "\u2063APB-SPLIT\u2063"
 
 
@@ -29,9 +32,9 @@ def tokenize_prompt(tokenizer, document: str, question: str, *, answer_prefix: s
     template's generation prompt), so the model continues it.
     """
     if not document.strip():
-        raise ValueError("the document is empty; give a non-empty --document-file")
+        raise APBConfigError("the document is empty; give a non-empty --document-file")
     if not question.strip():
-        raise ValueError("the question is empty")
+        raise APBConfigError("the question is empty")
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": document + "\n\n" + _SPLIT + question}],
@@ -54,7 +57,6 @@ _INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
     "it. I will quiz you about the important information there.\n\n"
 )
-_NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 PASSKEY_QUESTION = "What is the pass key? Answer with the number only."
 
 
@@ -65,13 +67,13 @@ def passkey_prompt(tokenizer, target_tokens: int = 6000, depth: float = 0.5, see
     repeated filler sentences.  Returns ``(document, question, answer)``.
     """
     if target_tokens < 32:
-        raise ValueError(f"target_tokens must be >= 32, got {target_tokens}")
+        raise APBConfigError(f"target_tokens must be >= 32, got {target_tokens}")
     if not 0 <= depth <= 1:
-        raise ValueError(f"depth must lie in [0, 1], got {depth}")
+        raise APBConfigError(f"depth must lie in [0, 1], got {depth}")
     key = str(random.Random(seed).randrange(10000, 100000))
     needle = f"The pass key is {key}. Remember it. {key} is the pass key."
-    per_noise = len(tokenizer(" " + _NOISE, add_special_tokens=False)["input_ids"])
+    per_noise = len(tokenizer(" " + NOISE, add_special_tokens=False)["input_ids"])
     budget = target_tokens - len(tokenizer(_INTRO + needle, add_special_tokens=False)["input_ids"])
-    fillers = [_NOISE] * max(1, budget // per_noise)
+    fillers = [NOISE] * max(1, budget // per_noise)
     fillers.insert(int(round(depth * len(fillers))), needle)
     return _INTRO + " ".join(fillers), PASSKEY_QUESTION, key

@@ -1,4 +1,4 @@
-"""APB attention inside a Hugging Face Llama-family model, and a view of it for the engine.
+"""APB attention inside a Hugging Face Llama-family model, and its model adapter.
 
 :func:`swap_in_apb_attention` replaces every decoder layer's ``self_attn`` of a
 ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``MistralForCausalLM`` with
@@ -8,30 +8,39 @@ around megatron_apb's :class:`~megatron_apb.megatron.core_attention.APBCoreAtten
 which applies RoPE at each row's true position and runs the APB collectives over the CP
 group.  Weights stay where they are: nothing is converted.
 
-:class:`HFModelForAPB` presents that model with the few members
-:class:`~megatron_apb.inference.APBEngine` uses of a Megatron ``GPTModel`` (``embedding``,
-``decoder``, ``rotary_pos_emb``, ``output_layer``), so the same engine runs APB prefill and
-exact distributed decoding on the Hugging Face layers::
+:class:`HFModelForAPB` is the model's :class:`~megatron_apb.adapter.ModelAdapter`, so the
+engine that serves Megatron models runs APB prefill and exact distributed decoding on the
+Hugging Face layers::
 
     hf = AutoModelForCausalLM.from_pretrained(path)
     view = HFModelForAPB(hf, APBConfig(mode="apb"), cp_group=cp, tp_group=tp)
     engine = APBEngine(view, view.apb_config, cp_group=cp, tp_group=tp, vocab_size=view.vocab_size)
 
-Tensor parallelism of these layers is DeepSpeed's (``megatron_apb.deepspeed``): once it
-has sharded ``q_proj``/``k_proj``/``v_proj`` by heads, each rank's attention sees its own
-heads, and the core attention is sized for ``tp_group``.
+The forward context reaches each attention as the ``apb_context`` keyword, which the
+Hugging Face decoder layers pass on to their ``self_attn``.
+
+Tensor parallelism of these layers is DeepSpeed's (``megatron_apb.integrations.deepspeed``):
+once it has sharded ``q_proj``/``k_proj``/``v_proj`` by heads, each rank's attention sees
+its own heads, and the core attention is sized for ``tp_group``.
 
 The model's own ``forward``/``generate`` do not run APB: run it through the engine.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
+from megatron.core.process_groups_config import ProcessGroupCollection
 from torch import nn
 
-from .config import APBConfig, APBConfigError
+from ...checkpoints import ModelSpec
+from ...comm import group_rank, group_size
+from ...compress import shard_retaining_head
+from ...config import APBConfig
+from ...errors import APBConfigError, NonFiniteError
+from ...forward import ForwardContext
+from ...megatron.core_attention import APBCoreAttention
 
 
 def _layers(hf_model):
@@ -60,14 +69,13 @@ class HFAPBAttention(nn.Module):
         self.core_attention = core_attention
         self.head_dim = head_dim
         self.layer_idx = getattr(original, "layer_idx", None)
-        self.rotary_table: Optional[torch.Tensor] = None  # set by HFModelForAPB per forward
 
-    def forward(self, hidden_states, *args, **kwargs):
-        if self.rotary_table is None:
+    def forward(self, hidden_states, *args, apb_context: Optional[ForwardContext] = None, **kwargs):
+        if apb_context is None:
             raise RuntimeError(
                 "this model's attention was replaced by APB attention: run it through "
-                "megatron_apb (APBEngine / the object megatron_apb.deepspeed.init_inference "
-                "returns), not through the Hugging Face forward or generate"
+                "megatron_apb (APBEngine / the object megatron_apb.integrations.deepspeed."
+                "init_inference returns), not through the Hugging Face forward or generate"
             )
         b, s, _ = hidden_states.shape
 
@@ -75,73 +83,16 @@ class HFAPBAttention(nn.Module):
             return proj(hidden_states).view(b, s, -1, self.head_dim).transpose(0, 1)
 
         q, k, v = heads(self.q_proj), heads(self.k_proj), heads(self.v_proj)
-        self.core_attention.rotary_table = self.rotary_table
-        try:
-            out = self.core_attention(q, k, v)  # [s, b, heads*d]
-        finally:
-            self.core_attention.rotary_table = None
-        return self.o_proj(out.transpose(0, 1)), None
+        out = self.core_attention(q, k, v, forward_context=apb_context, rotary_pos_emb=apb_context.rotary_table)
+        return self.o_proj(out.transpose(0, 1)), None  # out: [s, b, heads*d]
 
 
-class _Embedding(nn.Module):
-    def __init__(self, owner):
-        super().__init__()
-        self._owner = [owner]  # a plain reference: not a second registration of the weights
-
-    def forward(self, input_ids, position_ids=None):
-        hf = self._owner[0].hf_model
-        return hf.get_input_embeddings()(input_ids).transpose(0, 1)  # [s, b, hidden]
-
-
-class _Decoder(nn.Module):
-    def __init__(self, owner, layers, norm):
-        super().__init__()
-        self._owner = [owner]
-        self.layers = layers
-        self.final_layernorm = norm
-
-    def forward(self, hidden_states, attention_mask=None, rotary_pos_emb=None, **unused):
-        """hidden [s, b, hidden] (Megatron's layout) -> [s, b, hidden] after the final norm."""
-        owner = self._owner[0]
-        owner.forward_guard.reset()
-        x = hidden_states.transpose(0, 1)
-        for attn in owner.attentions:
-            attn.rotary_table = rotary_pos_emb
-        try:
-            for layer in self.layers:
-                out = layer(x, attention_mask=None, position_ids=None, position_embeddings=None)
-                x = out[0] if isinstance(out, tuple) else out
-        finally:
-            for attn in owner.attentions:
-                attn.rotary_table = None
-        return self.final_layernorm(x).transpose(0, 1)
-
-
-class _Output(nn.Module):
-    def __init__(self, owner):
-        super().__init__()
-        self._owner = [owner]
-
-    def forward(self, hidden, weight=None):
-        return self._owner[0].hf_model.get_output_embeddings()(hidden), None
-
-
-class _Rotary(nn.Module):
+def _rotary_table(inv_freq: torch.Tensor, position_scale: float, length: int, device) -> torch.Tensor:
     """Megatron-format rotary table ``[length, 1, 1, head_dim]`` of rotation angles, in
-    float32 on the device of the model's embedding whatever the model was cast to."""
-
-    def __init__(self, owner, inv_freq: torch.Tensor, position_scale: float):
-        super().__init__()
-        self._owner = [owner]
-        self._inv_freq = inv_freq.float()  # not a buffer: .half()/.bfloat16() must not touch it
-        self.position_scale = position_scale
-
-    def forward(self, length: int):
-        device = self._owner[0].hf_model.get_input_embeddings().weight.device
-        inv_freq = self._inv_freq.to(device)
-        positions = torch.arange(length, dtype=torch.float32, device=device) * self.position_scale
-        angles = torch.outer(positions, inv_freq)
-        return torch.cat([angles, angles], dim=-1)[:, None, None, :]
+    float32 whatever the model was cast to."""
+    positions = torch.arange(length, dtype=torch.float32, device=device) * position_scale
+    angles = torch.outer(positions, inv_freq.to(device))
+    return torch.cat([angles, angles], dim=-1)[:, None, None, :]
 
 
 def swap_in_apb_attention(hf_model, apb_config: APBConfig, *, cp_group, tp_group=None, heads=None):
@@ -156,20 +107,13 @@ def swap_in_apb_attention(hf_model, apb_config: APBConfig, *, cp_group, tp_group
         heads: ``{layer: (fc1, fc2)}`` full retaining-head weights (reference layout,
             ``megatron_apb.heads.read_retaining_heads``), sharded here for this TP rank.
     Returns:
-        ``(spec, attentions)``: the model's :class:`~megatron_apb.megatron.checkpoint.ModelSpec`
+        ``(spec, attentions)``: the model's :class:`~megatron_apb.checkpoints.ModelSpec`
         and the new attention modules in layer order.
     """
-    from megatron.core.process_groups_config import ProcessGroupCollection
-
-    from .comm import group_rank, group_size
-    from .compress import shard_retaining_head
-    from .megatron.checkpoint import ModelSpec
-    from .megatron.spec import bind_core_attention
-
     _, layers = _layers(hf_model)
     spec = ModelSpec.from_hf_config(hf_model.config)  # refuses unsupported architectures
     tp, cp = group_size(tp_group), group_size(cp_group)
-    if apb_config.mode == "apb" and apb_config.compressor == "retaining_head":
+    if apb_config.needs_retaining_heads:
         if heads is None:
             raise APBConfigError(
                 'compressor "retaining_head" needs trained heads: give "heads" (a safetensors '
@@ -181,14 +125,13 @@ def swap_in_apb_attention(hf_model, apb_config: APBConfig, *, cp_group, tp_group
         apb_config = apb_config.replace(retaining_head_hidden=int(heads[0][0].shape[0]))
     dtype = next(hf_model.parameters()).dtype
     config = spec.transformer_config(tp, cp, dtype=dtype)
-    core_cls = bind_core_attention(apb_config)
     pg = ProcessGroupCollection(tp=tp_group, cp=cp_group)
     attentions = []
     for i, layer in enumerate(layers):
         original = layer.self_attn
         if isinstance(original, HFAPBAttention):
             raise APBConfigError("the model's attention is APB attention already; load the model afresh")
-        core = core_cls(config=config, layer_number=i + 1, pg_collection=pg)
+        core = APBCoreAttention(config=config, layer_number=i + 1, pg_collection=pg, apb_config=apb_config)
         if core.retaining_head is not None:
             fc1, fc2 = shard_retaining_head(
                 *heads[i], num_heads=spec.num_attention_heads, num_kv_heads=spec.num_query_groups,
@@ -205,38 +148,61 @@ def swap_in_apb_attention(hf_model, apb_config: APBConfig, *, cp_group, tp_group
 
 
 class HFModelForAPB(nn.Module):
-    """A Llama-family Hugging Face ``*ForCausalLM`` with APB attention, shaped for
+    """A Llama-family Hugging Face ``*ForCausalLM`` with APB attention, as a
+    :class:`~megatron_apb.adapter.ModelAdapter` for
     :class:`~megatron_apb.inference.APBEngine`.
 
     Builds the APB attention in place (:func:`swap_in_apb_attention`).  Build it *after*
     DeepSpeed has sharded ``hf_model`` (DeepSpeed's injection policy replaces every
     ``nn.Linear`` of a decoder layer, the retaining heads' too); the model may still be
-    moved or cast afterwards: this view looks its modules up on every call.
+    moved or cast afterwards: the adapter looks its modules up on every call.
     """
-
-    share_embeddings_and_output_weights = False  # the HF lm_head is used as it is
-    parallel_output = False  # ... and gives full-vocabulary logits on every rank
 
     def __init__(self, hf_model, apb_config: APBConfig, *, cp_group, tp_group=None, heads=None):
         super().__init__()
-        from .megatron.core_attention import ForwardGuard
-
-        inner, layers = _layers(hf_model)
         self.hf_model = hf_model
         self.spec, attentions = swap_in_apb_attention(
             hf_model, apb_config, cp_group=cp_group, tp_group=tp_group, heads=heads
         )
         self.attentions = attentions  # a plain list: the modules are registered via hf_model
         self.apb_config = attentions[0].core_attention.apb_config if attentions else apb_config
-        self.forward_guard = ForwardGuard()
-        for attn in attentions:
-            attn.core_attention.forward_guard = self.forward_guard
         self.vocab_size = self.spec.vocab_size
-        self.embedding = _Embedding(self)
-        self.decoder = _Decoder(self, layers, inner.norm)
-        self.output_layer = _Output(self)
-        scale = 1.0 / self.spec.rope_scaling_factor if self.spec.rope_scaling_type == "linear" else 1.0
-        self.rotary_pos_emb = _Rotary(self, self.spec.rope_inv_freq(), scale)
+        self._inv_freq = self.spec.rope_inv_freq().float()  # not a buffer: casts must not touch it
+        self._position_scale = (
+            1.0 / self.spec.rope_scaling_factor if self.spec.rope_scaling_type == "linear" else 1.0
+        )
+
+    # ------------------------------------------------------------ the adapter
+    @property
+    def device(self) -> torch.device:
+        return self.hf_model.get_input_embeddings().weight.device
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.hf_model.get_input_embeddings()(ids.to(self.device)).transpose(0, 1)  # [s, b, hidden]
+
+    def run_layers(self, hidden: torch.Tensor, context: ForwardContext) -> torch.Tensor:
+        """hidden [s, b, hidden] (Megatron's layout) -> [s, b, hidden] after the final norm."""
+        inner, layers = _layers(self.hf_model)
+        x = hidden.transpose(0, 1)
+        for layer in layers:
+            out = layer(x, attention_mask=None, position_ids=None, position_embeddings=None, apb_context=context)
+            x = out[0] if isinstance(out, tuple) else out
+        return inner.norm(x).transpose(0, 1)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.hf_model.get_output_embeddings()(hidden).reshape(-1)[: self.vocab_size].float()
+        if not torch.isfinite(logits).all():
+            raise NonFiniteError(
+                "the model produced NaN/inf logits; check the checkpoint and the dtype "
+                "(bf16/fp16 overflow) and that every rank loaded the same weights"
+            )
+        return logits
+
+    def rotary_table(self, length: int) -> Optional[torch.Tensor]:
+        return _rotary_table(self._inv_freq, self._position_scale, length, self.device)
+
+    def layers(self) -> List[nn.Module]:
+        return list(_layers(self.hf_model)[1])
 
     def forward(self, *args, **kwargs):
         raise RuntimeError("run HFModelForAPB through megatron_apb.inference.APBEngine")

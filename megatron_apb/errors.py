@@ -1,0 +1,47 @@
+"""The package's exception types: callers branch on the type, never on message text.
+
+Every error raised for bad input or a bad setting is an :class:`APBError` whose message
+says what to change.  The subclasses keep ``ValueError`` as a base so that code written
+against earlier releases (``except ValueError``) still catches them.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+
+class APBError(Exception):
+    """Base of every error megatron_apb raises on purpose."""
+
+
+class APBConfigError(APBError, ValueError):
+    """A configuration or input that cannot run; the message says what to change.
+
+    ``field`` names the :class:`~megatron_apb.config.APBConfig` field at fault when there
+    is one, so a front-end can name its own flag or key instead (``--apb-anchor-len``,
+    ``"anchor_len"``, ``APB_ANCHOR_LEN``).
+    """
+
+    def __init__(self, message: str, *, field: Optional[str] = None):
+        super().__init__(message)
+        self.field = field
+
+
+class PeerRankError(APBConfigError):
+    """Another rank of a collective rejected its input; that rank's error says why.
+
+    Raised on the ranks whose own input was fine, so that no rank waits forever in a
+    collective.  Front-ends print it on one rank only (the others print the cause).
+    """
+
+
+class CheckpointError(APBError, ValueError):
+    """A checkpoint that cannot be read or does not fit the model (names the file/key)."""
+
+
+class UnsupportedModelError(APBError, ValueError):
+    """A model whose configuration this package cannot serve (names the config field)."""
+
+
+class NonFiniteError(APBError, FloatingPointError):
+    """NaN or infinite values where a result was expected (names the likely cause)."""

@@ -1,0 +1,86 @@
+"""``APBSelfAttention``: Megatron's ``SelfAttention`` with APB's per-forward context.
+
+It runs Megatron's own QKV projection (``get_query_key_value_tensors``), hands the
+**pre-RoPE** q, k, v, the rotary table and the :class:`~megatron_apb.forward.ForwardContext`
+to :class:`~megatron_apb.megatron.core_attention.APBCoreAttention` as keyword arguments,
+and applies Megatron's output projection.  The context comes down Megatron's layers as
+their ``inference_context`` argument (``TransformerBlock`` and ``TransformerLayer`` only
+pass it on), so nothing is set on modules between calls and nothing depends on the
+positional order of Megatron's arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from megatron.core import parallel_state
+from megatron.core.transformer.attention import SelfAttention
+
+from ..comm import group_size
+from ..errors import APBConfigError
+from ..forward import ForwardContext
+from .core_attention import check_heads
+
+
+class APBSelfAttention(SelfAttention):
+    """Megatron's ``SelfAttention`` whose core attention applies RoPE itself.
+
+    It checks the head split before Megatron does (with an error naming the fix).
+    ``forward`` takes Megatron's keywords; ``inference_context`` must be a
+    :class:`ForwardContext` or None (Megatron's own inference contexts and KV caches are not
+    used: decode with megatron_apb's engine).
+    """
+
+    def __init__(self, config, submodules, layer_number, attn_mask_type, *args, **kwargs):
+        pg_collection = kwargs.get("pg_collection")
+        tp_group = pg_collection.tp if pg_collection is not None else None
+        if tp_group is None:
+            tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        else:
+            tp_size = group_size(tp_group)
+        check_heads(config.num_attention_heads, config.num_query_groups or config.num_attention_heads, tp_size)
+        super().__init__(config, submodules, layer_number, attn_mask_type, *args, **kwargs)
+
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        key_value_states=None,
+        inference_context: Optional[ForwardContext] = None,
+        rotary_pos_emb=None,
+        rotary_pos_cos=None,
+        rotary_pos_sin=None,
+        rotary_pos_cos_sin=None,
+        attention_bias=None,
+        packed_seq_params=None,
+        sequence_len_offset=None,
+        *,
+        inference_params=None,
+        **unused,
+    ):
+        """[s, b, hidden] -> (output [s, b, hidden], bias), like Megatron's."""
+        ctx = inference_context if inference_context is not None else inference_params
+        if ctx is not None and not isinstance(ctx, ForwardContext):
+            raise APBConfigError(
+                "Megatron's inference_context is not used with APB attention; prefill and decode "
+                "through megatron_apb's engine (or pass a megatron_apb.forward.ForwardContext)"
+            )
+        if key_value_states is not None:
+            raise APBConfigError("APB attention supports self-attention only (no key_value_states)")
+        table = rotary_pos_emb[0] if isinstance(rotary_pos_emb, tuple) else rotary_pos_emb
+        if ctx is not None and ctx.rotary_table is not None:
+            table = ctx.rotary_table
+        no_rope = getattr(self.config, "no_rope_freq", None)
+        if no_rope and no_rope[self.layer_number - 1]:
+            table = None
+        gated = bool(getattr(self.config, "attention_output_gate", False))
+        qkv = self.get_query_key_value_tensors(hidden_states, None, split_qkv=True, output_gate=gated)
+        query, key, value = qkv[:3]
+        out = self.core_attention(
+            query, key, value, attention_mask,
+            attn_mask_type=self.attn_mask_type, attention_bias=attention_bias,
+            packed_seq_params=packed_seq_params, forward_context=ctx, rotary_pos_emb=table,
+        )
+        if gated:
+            out = self._apply_output_gate(out, qkv[3])
+        return self.linear_proj(out)
