@@ -27,6 +27,15 @@ class APBConfigError(APBError, ValueError):
         self.field = field
 
 
+class InputError(APBError, ValueError):
+    """A tensor argument that cannot be used: wrong dtype, device, layout or shape.
+
+    Raised at the boundary of the public attention ops (``megatron_apb.ops.validation``)
+    from metadata alone (no data is read); the message names the op and the tensor and
+    says what to change (``cast k and v to q's dtype (torch.bfloat16)``).
+    """
+
+
 class PeerRankError(APBConfigError):
     """Another rank of a collective rejected its input; that rank's error says why.
 
@@ -41,6 +50,17 @@ class CheckpointError(APBError, ValueError):
 
 class UnsupportedModelError(APBError, ValueError):
     """A model whose configuration this package cannot serve (names the config field)."""
+
+
+class CollectiveError(APBError, RuntimeError):
+    """A collective that another rank made fail: it crashed, was killed or closed its
+    connection.  The message names this rank, the operation, its call site and the group;
+    the cause is in the other rank's log."""
+
+
+class CollectiveTimeout(CollectiveError):
+    """A collective that did not finish within the timeout (``--timeout``): another rank is
+    stopped, hung or dead.  Raised instead of waiting forever; names what :class:`CollectiveError` names."""
 
 
 class NonFiniteError(APBError, FloatingPointError):

@@ -13,7 +13,7 @@ keyword.  Nothing is stored on modules between calls.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Protocol, Tuple
+from typing import Any, Dict, Optional, Protocol, Tuple
 
 import torch
 
@@ -66,6 +66,9 @@ class ForwardContext:
     local_only: bool = False
     # the layout the first APB layer checked with the other ranks: (rows, layout)
     checked: Optional[Tuple[int, CPLayout]] = field(default=None, repr=False)
+    # values derived once per forward and shared by its layers (e.g. the rotary rows of this
+    # forward's positions: one host-to-device copy and one gather instead of one per layer)
+    memo: Dict[Any, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         if self.phase not in (PREFILL, DECODE):

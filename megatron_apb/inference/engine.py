@@ -94,12 +94,25 @@ class APBEngine:
         self.sample_group, self.sample_src = sample_group, sample_src
         self.progress = progress
         self.device = self.adapter.device
+        self._table = None  # the rotary table, computed once for many forwards
+
+    # Positions added to the rotary table beyond the current need, so that decoding
+    # recomputes it once per this many tokens instead of at every step.
+    TABLE_SLACK = 1024
 
     # ----------------------------------------------------------------- pieces
     def _forward(self, ids: torch.Tensor, context: ForwardContext, table_len: int):
         """Embedding + transformer layers + final norm on 1-D ``ids``: [s, 1, hidden]."""
-        context.rotary_table = self.adapter.rotary_table(table_len)
+        context.rotary_table = self._rotary_table(table_len)
         return self.adapter.run_layers(self.adapter.embed(ids[None]), context)
+
+    def _rotary_table(self, length: int):
+        """A rotary table of at least ``length`` positions (rows are indexed by position, so
+        a longer one serves as well), recomputed only when it is too short."""
+        if self._table is None or self._table[0] < length:
+            rows = length + self.TABLE_SLACK
+            self._table = (rows, self.adapter.rotary_table(rows))
+        return self._table[1]
 
     def _logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary float logits [vocab] of one hidden state [1, 1, hidden]."""

@@ -155,7 +155,7 @@ class APBCoreAttention(MegatronModule):
         layout = self._checked_layout(ctx, cfg, seq, rank, cp, query.device)
         # Megatron's [s, b, h, d] -> flash-style [b, s, h, d]
         q_pre, k_pre, v = (t.transpose(0, 1) for t in (query, key, value))
-        q, k = self._rotate(q_pre, k_pre, rotary_pos_emb, rope_positions(layout, rank, device=q_pre.device), cp)
+        q, k = self._rotate(q_pre, k_pre, ctx, rotary_pos_emb, lambda: rope_positions(layout, rank), cp)
         algorithm = cfg.algorithm
         la = layout.anchor_len_on(rank) if algorithm.uses_anchor else 0
         if ctx.kv_cache is not None:
@@ -179,7 +179,7 @@ class APBCoreAttention(MegatronModule):
         """Decoding: new tokens attend to every rank's cache, merged exactly by LSE."""
         seq = query.shape[0]
         q, k, v = (t.transpose(0, 1) for t in (query, key, value))
-        q, k = self._rotate(q, k, table, ctx.positions.to(query.device), 1)
+        q, k = self._rotate(q, k, ctx, table, lambda: ctx.positions.cpu(), 1)
         cache = ctx.kv_cache
         if cache.owner:
             cache.append(self.layer_number, k, v)
@@ -190,10 +190,15 @@ class APBCoreAttention(MegatronModule):
         )
         return out.transpose(0, 1).reshape(seq, out.shape[0], -1)
 
-    def _rotate(self, q, k, table, positions, cp):
+    def _rotate(self, q, k, ctx, table, positions, cp):
+        """RoPE at ``positions()`` (host positions: checked against the table without a
+        device sync); the table rows are gathered once per forward and kept in its memo."""
         if table is None:  # no rotary embedding (e.g. position_embedding_type='none')
             return q, k
-        freqs = table_rows(table, positions, cp, q.shape[1])
+        key = ("rope_rows", id(table), cp, q.shape[1])
+        freqs = ctx.memo.get(key)
+        if freqs is None:
+            freqs = ctx.memo[key] = table_rows(table, positions(), cp, q.shape[1])
         if self.apb_config.fused_rope and not self.rotary_interleaved and freqs.shape[-1] == q.shape[-1]:
             return fused_rope(q, freqs), fused_rope(k, freqs)
         return apply_rope(q, freqs, self.rotary_interleaved), apply_rope(k, freqs, self.rotary_interleaved)

@@ -66,7 +66,7 @@ def table_rows(table: Tensor, positions: Tensor, cp_size: int, local_len: int) -
 
     Raises when the table is Megatron's zig-zag slice rather than the whole table.
     """
-    need = int(positions.max()) + 1 if positions.numel() else 0
+    need = int(positions.max()) + 1 if positions.numel() else 0  # host positions: no sync
     if table.shape[0] < need or (cp_size > 1 and table.shape[0] <= local_len):
         raise RuntimeError(
             f"the rotary table has {table.shape[0]} rows, but APB needs positions up to "

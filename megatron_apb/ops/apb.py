@@ -18,8 +18,10 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from .attention import attention_with_lse, check_shapes
+from ..errors import InputError
+from .attention import attention_with_lse
 from .merge import concat_merged, merge_attention
+from .validation import check_attention_inputs, check_passing
 
 Tensor = torch.Tensor
 
@@ -68,17 +70,21 @@ def apb_attention(
     returns the LSE serves: anchor-vs-anchor (causal), local-vs-own block (causal),
     local-vs-[A; P] (no mask).  Without ``return_lse`` the merge is written straight into
     the output after the anchor rows (:func:`~megatron_apb.ops.merge.concat_merged`).
+
+    Inputs are checked as in :func:`~megatron_apb.ops.attention.attention_with_lse`
+    (:mod:`megatron_apb.ops.validation`); the passing block must have k's dtype and device
+    (also when ``passing_fn`` delivers it).  NaN propagates to every row that sees it.
     """
-    check_shapes(q, k, v)
+    check_attention_inputs(q, k, v, where="apb_attention", passing_k=passing_k, passing_v=passing_v)
     if passing_fn is not None and passing_k is not None:
-        raise ValueError("pass passing_k/passing_v or passing_fn, not both")
-    _check_passing(k, passing_k, passing_v)
+        raise InputError("apb_attention: pass passing_k/passing_v or passing_fn, not both")
     seq = q.shape[1]
     if not 0 <= anchor_len <= seq:
-        raise ValueError(f"anchor_len={anchor_len} must lie in [0, seq={seq}]")
+        raise InputError(f"apb_attention: anchor_len={anchor_len} must lie in [0, seq={seq}]")
     if k.shape[1] != seq or v.shape[1] != seq:
-        raise ValueError(
-            f"q, k and v must have the same rows (anchor + local); got {seq}, {k.shape[1]}, {v.shape[1]}"
+        raise InputError(
+            f"apb_attention: q, k and v must have the same rows (anchor + local); got {seq}, "
+            f"{k.shape[1]}, {v.shape[1]}"
         )
     la = anchor_len
     kw = dict(softmax_scale=softmax_scale, backend=backend)
@@ -87,12 +93,12 @@ def apb_attention(
     own = attention_with_lse(ql, kl, vl, causal=True, **kw)  # the largest part: overlaps a gather
     if passing_fn is not None:
         passing_k, passing_v = passing_fn() or (None, None)
-        _check_passing(k, passing_k, passing_v)
+        check_passing(k, passing_k, passing_v, where="apb_attention (the block from passing_fn)")
     context_k, context_v = [], []
     if la > 0 and anchor_visible:
         context_k.append(k[:, :la]), context_v.append(v[:, :la])
     if passing_k is not None and passing_k.shape[1] > 0:
-        context_k.append(passing_k.to(k.dtype)), context_v.append(passing_v.to(v.dtype))
+        context_k.append(passing_k), context_v.append(passing_v)
     if not context_k:
         out, lse = own
     else:  # anchor and passing block in one unmasked call, merged with the own block
@@ -105,19 +111,3 @@ def apb_attention(
         lse = torch.cat([anchor[1], lse], dim=2)
     return (out, lse) if return_lse else out
 
-
-def _check_passing(k, passing_k, passing_v):
-    if (passing_k is None) != (passing_v is None):
-        raise ValueError("pass both passing_k and passing_v, or neither")
-    if passing_k is None:
-        return
-    if passing_k.shape != passing_v.shape:
-        raise ValueError(
-            f"passing_k {tuple(passing_k.shape)} and passing_v {tuple(passing_v.shape)} must "
-            "have the same shape"
-        )
-    if passing_k.shape[0] != k.shape[0] or passing_k.shape[2:] != k.shape[2:]:
-        raise ValueError(
-            f"passing_k {tuple(passing_k.shape)} must be [batch, P, kv_heads, head_dim] matching "
-            f"k {tuple(k.shape)}"
-        )

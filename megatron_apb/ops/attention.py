@@ -15,6 +15,15 @@ One contract for every backend::
 * out: [batch, q_len, heads, dim] in q's dtype; lse: float32 [batch, heads, q_len], natural
   log.  A row with no visible key gets out = 0 and lse = -inf, so it merges away exactly
   (see :mod:`megatron_apb.ops.merge`).
+* Inputs are checked from their metadata (:mod:`megatron_apb.ops.validation`: floating
+  dtype shared by q, k, v, one device, no meta tensor, the shapes above) and may have any
+  strides: the fused kernels get a unit stride along head_dim (copied only where missing).
+* NaN propagates, on every backend: a NaN in query row i gives NaN in row i's output and
+  LSE; a NaN in key j gives NaN in the output and LSE of every row that sees key j; a NaN
+  in value j gives NaN in that column of every row that sees key j (rows that do not see
+  key j may or may not be affected, depending on the kernel).  Values are never checked
+  (that would read every input and, on GPU, synchronize on every layer); a NaN is reported
+  where the caller looks at the result.
 
 Backends: ``reference`` (dense float64), ``math`` (chunked float32 matmuls, any device),
 ``flex`` (FlexAttention returning the LSE; compiled on GPU), and PyTorch's fused kernels
@@ -33,8 +42,10 @@ from typing import Optional, Tuple
 import torch
 
 from ..config import BACKENDS
+from ..errors import APBConfigError
 from .merge import merge_attention
 from .reference import causal_mask, reference_attention
+from .validation import check_attention_inputs
 
 Tensor = torch.Tensor
 
@@ -53,12 +64,12 @@ def attention_with_lse(
     backend: str = "auto",
 ) -> Tuple[Tensor, Tensor]:
     """Attention of q over (k, v) returning ``(out, lse)``; see the module docstring."""
-    check_shapes(q, k, v)
+    check_attention_inputs(q, k, v, where="attention_with_lse")
     b, sq, h, d = q.shape
     sk = k.shape[1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     requested, backend = backend, resolve_backend(backend, q)
-    if sq == 0 or sk == 0:
+    if b == 0 or sq == 0 or sk == 0:
         return _empty(q, sq)
     if requested == "auto" and q.is_cuda and _small_query_fits(q, k):
         return _grouped_small_query(q, k, v, causal, scale)
@@ -89,22 +100,24 @@ _HALF = (torch.float16, torch.bfloat16)
 def resolve_backend(backend: str, q: Tensor) -> str:
     """The concrete backend ``backend`` means for tensors like ``q``."""
     if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+        raise APBConfigError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}", field="backend")
     cuda, d = q.device.type == "cuda", q.shape[-1]
     if backend in ("cudnn", "flash", "efficient") and not cuda:
-        raise ValueError(f"backend={backend!r} runs on CUDA only; use 'sdpa' or 'math' on CPU")
+        raise APBConfigError(
+            f"backend={backend!r} runs on CUDA only; use 'sdpa' or 'math' on CPU", field="backend"
+        )
     if backend == "sdpa":
         if q.dtype not in _SDPA_DTYPES:
-            raise ValueError(
+            raise APBConfigError(
                 f"backend='sdpa' supports {', '.join(map(str, _SDPA_DTYPES))}, not {q.dtype}; "
-                "use backend='math' or 'reference'"
+                "use backend='math' or 'reference'", field="backend"
             )
         if not cuda:
             return "sdpa"
         backend = "auto"
     if backend != "auto":
         if backend in ("cudnn", "flash") and q.dtype not in _HALF:
-            raise ValueError(f"backend={backend!r} needs fp16/bf16, not {q.dtype}")
+            raise APBConfigError(f"backend={backend!r} needs fp16/bf16, not {q.dtype}", field="backend")
         return backend
     if not cuda:
         return "sdpa" if q.dtype in _SDPA_DTYPES else "math"
@@ -115,25 +128,6 @@ def resolve_backend(backend: str, q: Tensor) -> str:
     if q.dtype in _SDPA_DTYPES and d % 8 == 0:
         return "efficient"
     return "math"
-
-
-def check_shapes(q, k, v):
-    """Raise ValueError unless q, k, v are [batch, seq, heads, d] with GQA-compatible heads."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(
-            "q, k, v must be 4-D [batch, seq, heads, head_dim]; got "
-            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} vs {tuple(v.shape)}")
-    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(
-            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch and head_dim"
-        )
-    if q.shape[2] % k.shape[2] != 0:
-        raise ValueError(
-            f"kv_heads ({k.shape[2]}) must divide heads ({q.shape[2]}) for grouped-query attention"
-        )
 
 
 def _empty(q, sq):
@@ -193,9 +187,9 @@ def grouped_small_query_attention(q, k, v, *, causal: bool, softmax_scale: Optio
     K and V are read once and never expanded.  Scores are computed in the input dtype with
     float32 accumulation, softmax and LSE in float32.
     """
-    check_shapes(q, k, v)
+    check_attention_inputs(q, k, v, where="grouped_small_query_attention")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    if q.shape[1] == 0 or k.shape[1] == 0:
+    if q.shape[0] == 0 or q.shape[1] == 0 or k.shape[1] == 0:
         return _empty(q, q.shape[1])
     return _grouped_small_query(q, k, v, causal, scale)
 
@@ -250,12 +244,24 @@ def _fused_attention(q, k, v, causal, scale, backend):
     return _fused_call(q, k, v, causal, scale, backend)
 
 
+def _unit_last_stride(x):
+    """``x`` itself if its last dimension has unit stride, else a contiguous copy.
+
+    The aten attention ops index the head dimension as if its stride were 1: the CPU flash
+    kernel silently reads wrong elements (a transposed copy, ``x[..., ::2]``, a
+    head-dim-major buffer), the CUDA ones refuse.  Other strides are read as given.
+    """
+    return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
+
+
 def _fused_call(q, k, v, causal, scale, backend):
     b, sq, h, _ = q.shape
+    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     aten = torch.ops.aten
     if backend == "sdpa":  # CPU
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt, 0.0, causal, scale=scale)
+        return _propagate_nan(q, k, out.transpose(1, 2), lse.float(), causal)
     elif backend == "cudnn":
         res = aten._scaled_dot_product_cudnn_attention(
             qt, kt, vt, None, True, 0.0, causal, False, scale=scale
@@ -269,6 +275,33 @@ def _fused_call(q, k, v, causal, scale, backend):
         out, lse = res[0], res[1]
     lse = lse.reshape(b, h, -1)[:, :, :sq]  # cuDNN: [b, h, s, 1]; efficient pads s
     return out.transpose(1, 2), lse.float()
+
+
+def _propagate_nan(q, k, out, lse, causal):
+    """Make the CPU flash kernel's rows NaN where a NaN in q or k reaches them.
+
+    The kernel drops NaN scores in its row maximum, so a row whose every visible score is
+    NaN (a NaN query row, or a causal row whose visible keys all hold NaN; rows of up to
+    ~16 keys) comes out as zeros with lse 0 instead of NaN.  Marks are per (batch, row,
+    head): a NaN in query row i, or in a key row i sees (keys 0..i when ``causal``, the
+    kernel's top-left alignment; every key otherwise).  ``amax`` propagates NaN and reads
+    each input once, with [batch, rows, heads] temporaries; the result is copied only when
+    some row is marked (on CPU the test costs no device synchronization).  NaN in v
+    propagates through the kernel's matmul.
+    """
+    sq, sk = q.shape[1], k.shape[1]
+    bad = q.amax(-1).isnan()  # [b, sq, h]
+    key_bad = k.amax(-1).isnan()  # [b, sk, hk]
+    if causal:  # row i: any NaN among keys 0..min(i, sk - 1)
+        rows = torch.arange(sq, device=q.device).clamp_(max=sk - 1)
+        key_bad = key_bad.cummax(1).values[:, rows]
+    else:
+        key_bad = key_bad.any(1, keepdim=True)
+    group = q.shape[2] // k.shape[2]
+    bad = bad | (key_bad if group == 1 else key_bad.repeat_interleave(group, dim=2))
+    if not bool(bad.any()):
+        return out, lse
+    return out.masked_fill(bad[..., None], float("nan")), lse.masked_fill(bad.transpose(1, 2), float("nan"))
 
 
 # Fused kernels that read grouped KV heads without the expansion copy, per device:

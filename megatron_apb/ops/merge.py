@@ -13,6 +13,7 @@ from typing import Sequence, Tuple
 import torch
 
 from . import triton_kernels
+from .validation import check_merge_inputs
 
 
 def merge_attention(
@@ -25,10 +26,11 @@ def merge_attention(
         lses: each float [batch, heads, seq], natural log, -inf where the part had no key.
     Returns:
         (out in outs[0]'s dtype, lse float32), with out = 0 and lse = -inf for rows
-        that no part covers.
+        that no part covers, and NaN for rows where a part has a NaN LSE or output.
+
+    The parts must share dtype, shape and device (:mod:`megatron_apb.ops.validation`).
     """
-    if len(outs) != len(lses) or not outs:
-        raise ValueError("merge_attention needs as many lse tensors as outputs, at least one")
+    check_merge_inputs(outs, lses, where="merge_attention")
     if len(outs) == 1:
         return outs[0], lses[0].float()
     if len(outs) == 2 and outs[0].is_cuda:

@@ -11,6 +11,8 @@ from typing import Optional
 
 import torch
 
+from .validation import check_attention_inputs, check_mask
+
 
 def causal_mask(q_len: int, k_len: int, device=None) -> torch.Tensor:
     """Bottom-right aligned causal mask, True where a query may attend.
@@ -41,7 +43,10 @@ def reference_attention(
     Returns:
         out [batch, q_len, heads, dim] in q's dtype (zeros for rows with no key) and
         lse float32 [batch, heads, q_len] (natural log; -inf for rows with no key).
+        NaN in q, k or v reaches every row that reads it (NaN out; NaN lse for q and k).
     """
+    check_attention_inputs(q, k, v, where="reference_attention")
+    check_mask(mask, q, k, where="reference_attention")
     b, sq, h, d = q.shape
     kvh = k.shape[2]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
@@ -51,8 +56,9 @@ def reference_attention(
     if mask is not None:
         scores = scores.masked_fill(~mask.to(scores.device), float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # [b, h, sq]
-    probs = torch.exp(scores - lse[..., None].nan_to_num(neginf=0.0))
-    probs = torch.where(torch.isfinite(lse)[..., None], probs, torch.zeros_like(probs))
+    empty = torch.isneginf(lse)[..., None]  # rows with no key; NaN rows stay NaN
+    probs = torch.exp(scores - lse[..., None].masked_fill(empty, 0.0))
+    probs = probs.masked_fill(empty, 0.0)
     out = torch.einsum("bhqk,bkhd->bqhd", probs, vv)
     return out.to(q.dtype), lse.float()
 
@@ -81,11 +87,12 @@ def apb_reference_attention(
     q, k, v, *, anchor_len, passing_k=None, passing_v=None, softmax_scale=None
 ):
     """Reference for :func:`megatron_apb.apb_attention`: one dense masked call over [A; P; B]."""
+    check_attention_inputs(q, k, v, where="apb_reference_attention", passing_k=passing_k, passing_v=passing_v)
     la = anchor_len
     if passing_k is None:
         passing_k = k[:, :0]
         passing_v = v[:, :0]
-    keys = torch.cat([k[:, :la], passing_k.to(k.dtype), k[:, la:]], dim=1)
-    values = torch.cat([v[:, :la], passing_v.to(v.dtype), v[:, la:]], dim=1)
+    keys = torch.cat([k[:, :la], passing_k, k[:, la:]], dim=1)
+    values = torch.cat([v[:, :la], passing_v, v[:, la:]], dim=1)
     mask = apb_reference_mask(la, passing_k.shape[1], q.shape[1] - la)
     return reference_attention(q, keys, values, mask, softmax_scale)

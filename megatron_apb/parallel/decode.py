@@ -18,7 +18,13 @@ import torch
 
 from ..comm import all_gather_async, group_size
 from ..ops.attention import attention_with_lse
+from ..ops.decode_kernel import kernel_available, split_kv_attention
 from ..ops.merge import merge_attention
+from ..ops.validation import check_attention_inputs
+
+# Query rows x query heads per KV head up to which the split-KV kernel serves a step; a
+# longer query (the first phase-2 step with a long question) takes the prefill kernels.
+SPLIT_KV_MAX_ROWS = 64
 
 Tensor = torch.Tensor
 
@@ -35,9 +41,15 @@ def decode_attention(
 ) -> Tensor:
     """q [batch, m, heads, d]; the cache [batch, L, kv_heads, d] (the owner's includes the m
     new tokens at its end).  Returns the merged [batch, m, heads, d], equal on every rank."""
-    out, lse = attention_with_lse(
-        q, k_cache, v_cache, causal=owner, softmax_scale=softmax_scale, backend=backend
-    )
+    check_attention_inputs(q, k_cache, v_cache, where="decode_attention")  # metadata only
+    rows = q.shape[1] * (q.shape[2] // k_cache.shape[2])
+    if backend == "auto" and q.is_cuda and kernel_available(q) and rows <= SPLIT_KV_MAX_ROWS:
+        # flash-decoding: the cache is split across thread blocks, GQA read natively
+        out, lse = split_kv_attention(q, k_cache, v_cache, causal=owner, softmax_scale=softmax_scale)
+    else:
+        out, lse = attention_with_lse(
+            q, k_cache, v_cache, causal=owner, softmax_scale=softmax_scale, backend=backend
+        )
     if group_size(group) == 1:
         return out
     # one collective: the LSE rides along as an extra channel of the output
