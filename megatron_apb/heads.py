@@ -5,41 +5,144 @@ Accepted key names: any key containing ``layers.<i>.`` and ending in ``fc1.weigh
 ``fc2.weight`` (e.g. ``model.layers.3.self_attn.fc1.weight`` or ``layers.3.fc1.weight``).
 ``fc1.weight`` is [hidden, (heads + 2 kv_heads) head_dim], ``fc2.weight`` [kv_heads, hidden],
 for the whole model (not TP-sharded).
+
+Files are written atomically (a save killed midway leaves the previous file) and read
+checked: a damaged file, or NaN / inf weights, raise :class:`~megatron_apb.errors.CheckpointError`
+naming the file, layer and tensor.  :func:`load_safetensors` is the checked reader the
+other checkpoint readers share.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
-from typing import Dict, Tuple
+import struct
+from typing import Dict, Optional, Tuple
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .atomic import Report, atomic_file, recover
 from .compress import shard_retaining_head
+from .errors import CheckpointError
 
 _KEY = re.compile(r"(?:^|\.)layers\.(\d+)\..*(fc[12])\.weight$")
+#: what to do about a damaged retaining-head file
+HEADS_REMEDY = "re-convert or re-download it, or train the heads again (train-heads)"
 
 
-def read_retaining_heads(path: str) -> Dict[int, Tuple[torch.Tensor, torch.Tensor]]:
-    """``{layer index: (fc1, fc2)}`` from a safetensors file (no pickle)."""
+# ------------------------------------------------------------------ safetensors, checked
+def _safetensors_problem(path: str) -> Optional[str]:
+    """What is wrong with a safetensors file that failed to load, from its header, naming
+    the tensors cut off when it is truncated; None when the header looks sound."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"it has {size} bytes, too few for a safetensors header (empty or truncated)"
+        (length,) = struct.unpack("<Q", head)
+        if length > size - 8:
+            return (f"its header claims {length} bytes but the file has {size}: it is truncated, "
+                    "or not a safetensors file")
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+        entries = {k: v for k, v in header.items() if k != "__metadata__"}
+        ends = {k: int(v["data_offsets"][1]) for k, v in entries.items()}
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return "its header is not a valid safetensors header: not a safetensors file, or damaged"
+    data = size - 8 - length
+    cut = sorted((k for k, end in ends.items() if end > data), key=ends.get)
+    if cut:
+        more = f" and {len(cut) - 5} more" if len(cut) > 5 else ""
+        return (f"it is truncated: {data} bytes of tensor data where the header needs {max(ends.values())}; "
+                f"tensors cut off: {', '.join(cut[:5])}{more}")
+    return None
+
+
+def _safetensors_error(path: str, what: str, remedy: str, exc: Exception) -> CheckpointError:
+    try:
+        problem = _safetensors_problem(path) or f"{type(exc).__name__}: {exc}"
+    except OSError as io_error:
+        problem = f"{type(io_error).__name__}: {io_error}"
+    return CheckpointError(f"cannot read {what} {path}: {problem}; {remedy}")
+
+
+def load_safetensors(path: str, *, what: str = "the checkpoint file", remedy: str = "re-download or re-convert it") -> Dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a damaged file (truncated, garbage) raises
+    :class:`CheckpointError` naming it, the tensors cut off when known, and ``remedy``."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        return load_file(path)
+    except (FileNotFoundError, MemoryError):
+        raise
+    except Exception as exc:  # safetensors' own error type, OSError, ...
+        raise _safetensors_error(path, what, remedy, exc) from exc
+
+
+def safetensors_metadata(path: str, *, what: str = "the checkpoint file", remedy: str = "re-download or re-convert it") -> Dict[str, str]:
+    """The ``__metadata__`` strings of a safetensors file (its header only), checked as
+    :func:`load_safetensors` checks."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (FileNotFoundError, MemoryError):
+        raise
+    except Exception as exc:
+        raise _safetensors_error(path, what, remedy, exc) from exc
+
+
+# ------------------------------------------------------------------------ reading heads
+def check_finite(tensor: torch.Tensor, where: str, layer: int, part: str, key: Optional[str] = None) -> None:
+    """Raise :class:`CheckpointError` naming the layer and tensor when ``tensor`` holds NaN
+    or infinite values (a diverged training run, or a damaged file)."""
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+        return
+    nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+    name = f"{part}.weight" + (f" ({key})" if key else "")
+    raise CheckpointError(
+        f"{where}: layer {layer} {name} holds {nan} NaN and {inf} inf values; these heads are unusable "
+        "(training diverged or the file is damaged): use an earlier checkpoint or train them again"
+    )
+
+
+def read_retaining_heads(path: str, *, report: Report = None) -> Dict[int, Tuple[torch.Tensor, torch.Tensor]]:
+    """``{layer index: (fc1, fc2)}`` from a safetensors file (no pickle).
+
+    Leftovers of an interrupted save of ``path`` are resolved first (and reported,
+    :func:`megatron_apb.atomic.recover`).  A damaged file, one without retaining heads, or
+    non-finite weights raise :class:`CheckpointError` naming the file (layer, tensor)."""
+    path = os.fspath(path)
+    recover(path, report=report)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"retaining-head checkpoint {path!r} does not exist")
-    return heads_from_state_dict(load_file(path), where=path)
+    tensors = load_safetensors(path, what="the retaining-head checkpoint", remedy=HEADS_REMEDY)
+    return heads_from_state_dict(tensors, where=path)
 
 
 def heads_from_state_dict(tensors, where: str = "the state dict") -> Dict[int, Tuple[torch.Tensor, torch.Tensor]]:
-    """``{layer index: (fc1, fc2)}`` from the accepted key names of ``tensors`` (others ignored)."""
+    """``{layer index: (fc1, fc2)}`` from the accepted key names of ``tensors`` (others
+    ignored); :class:`CheckpointError` when none are there, a layer lacks one, or a
+    weight is not finite."""
     found: Dict[int, Dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         m = _KEY.search(key)
         if m:
-            found.setdefault(int(m.group(1)), {})[m.group(2)] = tensor
+            layer, part = int(m.group(1)), m.group(2)
+            check_finite(tensor, where, layer, part, key)
+            found.setdefault(layer, {})[part] = tensor
     if not found:
-        raise ValueError(f"{where}: no 'layers.<i>.…fc1.weight' / 'fc2.weight' keys found")
+        raise CheckpointError(f"{where}: no 'layers.<i>.…fc1.weight' / 'fc2.weight' keys found")
     incomplete = sorted(i for i, d in found.items() if set(d) != {"fc1", "fc2"})
     if incomplete:
-        raise ValueError(f"{where}: layers {incomplete} lack fc1 or fc2")
+        raise CheckpointError(f"{where}: layers {incomplete} lack fc1 or fc2")
     return {i: (d["fc1"], d["fc2"]) for i, d in sorted(found.items())}
 
 
@@ -91,19 +194,29 @@ def heads_state_dict(heads, layout: str = "reference") -> Dict[str, torch.Tensor
     return out
 
 
-def save_retaining_heads(path: str, heads, *, layout: str = "reference", dtype=None) -> str:
-    """Write full (unsharded) heads ``{layer: (fc1, fc2)}`` as safetensors; returns ``path``.
-
-    The default layout is the reference one; :func:`read_retaining_heads` reads either
-    layout back bit-exactly (``dtype``, if given, casts first).
-    """
+def write_retaining_heads(path: str, heads, *, layout: str = "reference", dtype=None, metadata=None) -> str:
+    """:func:`save_retaining_heads` without the atomic replace: for a file inside a
+    directory that is itself written atomically (:func:`megatron_apb.atomic.atomic_directory`)."""
     tensors = {
         k: (v.detach().to("cpu", dtype) if dtype is not None else v.detach().cpu()).contiguous().clone()
         for k, v in heads_state_dict(heads, layout).items()
     }
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    save_file(tensors, path, metadata={"format": "pt", "layout": layout})
+    save_file(tensors, path, metadata={**(metadata or {}), "format": "pt", "layout": layout})
+    return path
+
+
+def save_retaining_heads(path: str, heads, *, layout: str = "reference", dtype=None, metadata=None,
+                         report: Report = None) -> str:
+    """Write full (unsharded) heads ``{layer: (fc1, fc2)}`` as safetensors; returns ``path``.
+
+    The default layout is the reference one; :func:`read_retaining_heads` reads either
+    layout back bit-exactly (``dtype``, if given, casts first).  ``metadata``: extra
+    strings for the file's header.  The file is replaced atomically: a save killed midway
+    leaves the previous file (:func:`megatron_apb.atomic.atomic_file`).
+    """
+    heads_state_dict(heads, layout)  # check the layout and shapes before touching the disk
+    with atomic_file(path, report=report) as tmp:
+        write_retaining_heads(tmp, heads, layout=layout, dtype=dtype, metadata=metadata)
     return path
 
 
@@ -163,6 +276,9 @@ def load_into_retaining_heads(modules, heads, *, num_heads, num_kv_heads, tp_ran
     modules = list(modules)
     if not modules:
         raise ValueError("no retaining-head modules to load into")
+    for i, (fc1, fc2) in sorted(heads.items()):
+        check_finite(fc1, "the retaining heads to load", i, "fc1")
+        check_finite(fc2, "the retaining heads to load", i, "fc2")
     head_dim, hidden = modules[0].head_dim, modules[0].fc1.out_features
     check_heads_fit(
         heads, num_layers=len(modules), num_heads=num_heads, num_kv_heads=num_kv_heads,

@@ -5,6 +5,11 @@ and the default model (:func:`default_model_path`).
 
 ``transformers`` (the ``hf`` extra) is imported only where it is needed: GGUF files and
 tokenizers.
+
+A damaged file (truncated, garbage, a shard named by ``model.safetensors.index.json`` but
+missing) raises :class:`CheckpointError` naming it and what to do.  :func:`save_converted`
+writes its directory whole or not at all (:func:`megatron_apb.atomic.atomic_directory`);
+loading first resolves what an interrupted save left beside the path.
 """
 
 from __future__ import annotations
@@ -17,8 +22,11 @@ import re
 from typing import Dict, Mapping, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from ..atomic import Report, atomic_directory, recover
+from ..errors import APBError, CheckpointError
+from ..heads import load_safetensors
 from .convert import hf_to_megatron
 from .sharding import check_full_state
 from .spec import ModelSpec
@@ -36,6 +44,10 @@ TOKENIZER_FILES = (
     "vocab.json",
     "spiece.model",
 )
+#: what to do about a damaged file of each kind
+REDOWNLOAD = "re-download the model (all of its files)"
+RECONVERT = "convert it again: megatron-apb convert --model SOURCE --output DIR"
+GGUF_MAGIC = b"GGUF"
 
 
 def _transformers():
@@ -54,7 +66,31 @@ def _cast(state: Dict[str, Tensor], dtype) -> Dict[str, Tensor]:
 def _load_tokenizer(directory: str, **kwargs):
     if not any(os.path.exists(os.path.join(directory, f)) for f in TOKENIZER_FILES):
         return None
-    return _transformers().AutoTokenizer.from_pretrained(directory, **kwargs)
+    transformers = _transformers()
+    try:
+        return transformers.AutoTokenizer.from_pretrained(directory, **kwargs)
+    except (ImportError, MemoryError):
+        raise
+    except Exception as exc:  # a truncated tokenizer.json, ...
+        raise CheckpointError(
+            f"cannot read the tokenizer in {directory}: {type(exc).__name__}: {exc}; re-download or re-convert it"
+        ) from exc
+
+
+def _read_json(path: str, remedy: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"cannot read {path}: not valid JSON ({exc}); {remedy}") from exc
+
+
+def _shard_list(index: str):
+    data = _read_json(index, REDOWNLOAD)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index} has no \"weight_map\" of tensor names to files; {REDOWNLOAD}")
+    return sorted(set(weight_map.values()))
 
 
 def _read_hf_weights(directory: str) -> Dict[str, Tensor]:
@@ -62,22 +98,19 @@ def _read_hf_weights(directory: str) -> Dict[str, Tensor]:
     else ``pytorch_model.bin`` (sharded or not) read with ``weights_only=True``."""
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index, encoding="utf-8") as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        files = _shard_list(index)
     else:
         files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(directory, "*.safetensors")))
     state: Dict[str, Tensor] = {}
     if files:
+        _check_shards_exist(directory, files, index)
         for name in files:
-            path = os.path.join(directory, name)
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"{path} (listed in {index}) does not exist")
-            state.update(load_file(path))
+            state.update(load_safetensors(os.path.join(directory, name), what="the weights file", remedy=REDOWNLOAD))
         return state
     bin_index = os.path.join(directory, "pytorch_model.bin.index.json")
     if os.path.exists(bin_index):
-        with open(bin_index, encoding="utf-8") as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        files = _shard_list(bin_index)
+        _check_shards_exist(directory, files, bin_index)
     elif os.path.exists(os.path.join(directory, "pytorch_model.bin")):
         files = ["pytorch_model.bin"]
     if not files:
@@ -86,8 +119,24 @@ def _read_hf_weights(directory: str) -> Dict[str, Tensor]:
             "model.safetensors.index.json, pytorch_model.bin)"
         )
     for name in files:
-        state.update(torch.load(os.path.join(directory, name), map_location="cpu", weights_only=True))
+        path = os.path.join(directory, name)
+        try:
+            state.update(torch.load(path, map_location="cpu", weights_only=True))
+        except (FileNotFoundError, MemoryError):
+            raise
+        except Exception as exc:  # truncated zip, unpickling errors, ...
+            raise CheckpointError(f"cannot read the weights file {path}: {type(exc).__name__}: {exc}; {REDOWNLOAD}") from exc
     return state
+
+
+def _check_shards_exist(directory: str, files, index: str) -> None:
+    missing = [os.path.join(directory, name) for name in files if not os.path.isfile(os.path.join(directory, name))]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(
+            f"{len(missing)} of the {len(files)} weight files listed in {index} are missing: "
+            f"{', '.join(missing[:5])}{more}; {REDOWNLOAD} (a download may have stopped midway)"
+        )
 
 
 def _transformers_dtype_kwargs(transformers, dtype):
@@ -95,18 +144,43 @@ def _transformers_dtype_kwargs(transformers, dtype):
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
+def _check_gguf(path: str) -> None:
+    with open(path, "rb") as f:
+        magic = f.read(len(GGUF_MAGIC))
+    if magic != GGUF_MAGIC:
+        raise CheckpointError(
+            f"{path} is not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r}): damaged or mislabelled; "
+            "re-download it"
+        )
+
+
+def _gguf_error(path: str, exc: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"cannot read the GGUF file {path} ({os.path.getsize(path)} bytes): {type(exc).__name__}: {exc}; "
+        "if it is truncated or damaged, re-download it"
+    )
+
+
 def _load_gguf(path: str):
-    """(hf_model, tokenizer) of a GGUF file, dequantized to float32 by transformers."""
+    """(hf_model, tokenizer) of a GGUF file, dequantized to float32 by transformers; a file
+    that is not GGUF, or one transformers cannot parse (truncated, damaged), raises
+    :class:`CheckpointError` naming it."""
     transformers = _transformers()
     directory, name = os.path.split(os.path.abspath(path))
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        directory, gguf_file=name, **_transformers_dtype_kwargs(transformers, torch.float32)
-    )
-    tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    _check_gguf(path)
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            directory, gguf_file=name, **_transformers_dtype_kwargs(transformers, torch.float32)
+        )
+        tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    except (ImportError, MemoryError):  # a missing `gguf` package says what to install
+        raise
+    except Exception as exc:  # the GGUF parser's struct / numpy errors name no file
+        raise _gguf_error(path, exc) from exc
     return model, tokenizer
 
 
-def load_hf_checkpoint(path, *, dtype: Optional[torch.dtype] = None):
+def load_hf_checkpoint(path, *, dtype: Optional[torch.dtype] = None, report: Report = None):
     """``(spec, full_megatron_state, tokenizer_or_None)`` of a checkpoint.
 
     ``path``: a Hugging Face directory (``config.json`` + ``*.safetensors`` /
@@ -115,12 +189,17 @@ def load_hf_checkpoint(path, *, dtype: Optional[torch.dtype] = None):
     from the GGUF model itself, each extra GGUF parse costing seconds), or a directory
     written by :func:`save_converted`.  ``dtype`` casts the floating tensors (default: as
     stored; GGUF gives float32).  The config's ``model_type`` picks the model family.
+
+    Damaged files raise :class:`CheckpointError` naming the file.  What an interrupted
+    :func:`save_converted` left beside ``path`` is resolved first and reported through
+    ``report`` (default: a warning).
     """
     path = os.fspath(path)
     accepted = (
         "a Hugging Face model directory (config.json + *.safetensors or pytorch_model.bin), "
         f"a .gguf file, or a directory written by save_converted ({MARKER_FILE})"
     )
+    recover(path, report=report)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint path {path!r} does not exist; expected {accepted}")
     if os.path.isdir(path):
@@ -129,8 +208,7 @@ def load_hf_checkpoint(path, *, dtype: Optional[torch.dtype] = None):
         config_path = os.path.join(path, "config.json")
         if not os.path.exists(config_path):
             raise FileNotFoundError(f"{path!r} has neither config.json nor {MARKER_FILE}; expected {accepted}")
-        with open(config_path, encoding="utf-8") as f:
-            spec = ModelSpec.from_hf_config(json.load(f))
+        spec = ModelSpec.from_hf_config(_read_json(config_path, REDOWNLOAD))
         state = hf_to_megatron(_read_hf_weights(path), spec)
         return spec, _cast(state, dtype), _load_tokenizer(path)
     if path.lower().endswith(".gguf"):
@@ -142,16 +220,26 @@ def load_hf_checkpoint(path, *, dtype: Optional[torch.dtype] = None):
     raise ValueError(f"cannot load {path!r}: expected {accepted}")
 
 
-def save_converted(out_dir, spec: ModelSpec, full_state: Mapping[str, Tensor], tokenizer=None, dtype=None) -> str:
+def save_converted(out_dir, spec: ModelSpec, full_state: Mapping[str, Tensor], tokenizer=None, dtype=None,
+                   report: Report = None) -> str:
     """Write ``full_state`` (full Megatron names) as ``model.safetensors``, the spec as
     ``megatron_apb_checkpoint.json``, and the tokenizer (``save_pretrained``) if given.
 
     ``dtype`` casts floating tensors; otherwise the round trip through
-    :func:`load_hf_checkpoint` is bit-exact.  Returns ``out_dir``.
+    :func:`load_hf_checkpoint` is bit-exact.  Returns ``out_dir``.  The directory is
+    written whole or not at all, replacing an earlier converted checkpoint there (a save
+    killed midway leaves the earlier one); a directory holding other files is refused.
     """
     out_dir = os.fspath(out_dir)
     check_full_state(full_state, spec)
-    os.makedirs(out_dir, exist_ok=True)
+    if os.path.isdir(out_dir) and not os.path.exists(os.path.join(out_dir, MARKER_FILE)):
+        others = sorted(os.listdir(out_dir))
+        if others:
+            shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+            raise CheckpointError(
+                f"cannot write a converted checkpoint to {out_dir}: it holds other files ({shown}), which "
+                "replacing it would delete; pass a new or empty directory"
+            )
     tensors, seen = {}, set()
     for k, v in full_state.items():
         v = v.detach().cpu()
@@ -161,25 +249,35 @@ def save_converted(out_dir, spec: ModelSpec, full_state: Mapping[str, Tensor], t
         v = v.clone() if ptr in seen or not v.is_contiguous() else v  # safetensors refuses shared storage
         seen.add(ptr)
         tensors[k] = v.contiguous()
-    save_file(tensors, os.path.join(out_dir, WEIGHTS_FILE), metadata={"format": "pt", "names": "megatron"})
     meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "weights": WEIGHTS_FILE, "spec": spec.to_dict()}
-    with open(os.path.join(out_dir, MARKER_FILE), "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2, sort_keys=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+    with atomic_directory(out_dir, report=report) as tmp:
+        save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt", "names": "megatron"})
+        with open(os.path.join(tmp, MARKER_FILE), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     return out_dir
 
 
 def _load_converted(directory, dtype):
-    with open(os.path.join(directory, MARKER_FILE), encoding="utf-8") as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT_NAME or meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{directory}/{MARKER_FILE}: format {meta.get('format')!r} version "
-            f"{meta.get('format_version')!r}; this reader takes {FORMAT_NAME!r} version {FORMAT_VERSION}"
+    marker = os.path.join(directory, MARKER_FILE)
+    meta = _read_json(marker, RECONVERT)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME or meta.get("format_version") != FORMAT_VERSION:
+        found = meta if isinstance(meta, dict) else {}
+        raise CheckpointError(
+            f"{marker}: format {found.get('format')!r} version "
+            f"{found.get('format_version')!r}; this reader takes {FORMAT_NAME!r} version {FORMAT_VERSION}"
         )
-    spec = ModelSpec.from_dict(meta["spec"])
-    state = load_file(os.path.join(directory, meta.get("weights", WEIGHTS_FILE)))
+    try:
+        spec = ModelSpec.from_dict(meta["spec"])
+    except APBError:  # a model this package cannot serve says so itself
+        raise
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{marker}: its \"spec\" is missing or damaged ({type(exc).__name__}: {exc}); {RECONVERT}") from exc
+    weights = os.path.join(directory, meta.get("weights", WEIGHTS_FILE))
+    if not os.path.isfile(weights):
+        raise CheckpointError(f"{directory}: its weights file {weights} is missing; {RECONVERT}")
+    state = load_safetensors(weights, what="the converted weights file", remedy=RECONVERT)
     check_full_state(state, spec)
     return spec, _cast(state, dtype), _load_tokenizer(directory)
 
@@ -193,7 +291,13 @@ def load_tokenizer(path):
     if os.path.isdir(path):
         return _load_tokenizer(path)
     directory, name = os.path.split(os.path.abspath(path))
-    return _transformers().AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    _check_gguf(path)
+    try:
+        return _transformers().AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    except (ImportError, MemoryError):
+        raise
+    except Exception as exc:
+        raise _gguf_error(path, exc) from exc
 
 
 def default_model_path() -> str:

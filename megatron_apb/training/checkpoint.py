@@ -8,6 +8,11 @@ always full (unsharded) tensors, so a checkpoint written at one TP size loads at
 * ``optimizer.safetensors``: AdamW's ``exp_avg`` / ``exp_avg_sq`` in the same layout
   (key prefixes ``exp_avg.`` / ``exp_avg_sq.``);
 * ``trainer_state.json``: step, configuration, history.
+
+The directory is written whole or not at all (:func:`megatron_apb.atomic.atomic_directory`:
+into a sibling ``DIR.tmp-…``, fsync'ed, then renamed into place; other files in ``DIR``,
+such as ``train_log.json``, are kept).  Both safetensors files carry the step in their
+metadata, and resuming refuses a directory whose parts disagree.
 """
 
 from __future__ import annotations
@@ -17,19 +22,23 @@ import os
 from typing import Dict, List, Tuple
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 import torch.distributed as dist
 
+from ..atomic import Report, atomic_directory, recover
 from ..comm import collective_device, group_rank, group_size
 from ..compress import RetainingHead, init_retaining_head_, shard_retaining_head
+from ..errors import CheckpointError
 from ..heads import (
     check_heads_fit,
     heads_from_state_dict,
     heads_state_dict,
     load_into_retaining_heads,
+    load_safetensors,
     read_retaining_heads,
-    save_retaining_heads,
+    safetensors_metadata,
     unshard_retaining_head,
+    write_retaining_heads,
 )
 from ..megatron.setup import apb_modules
 
@@ -38,6 +47,8 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
 STATE_FORMAT = "megatron_apb.retaining_head_trainer"
 STATE_VERSION = 1
+#: what to do about a damaged training checkpoint
+REMEDY = "resume from another checkpoint (an earlier --output directory), or start afresh without --resume"
 
 
 def build_retaining_heads(model, *, hidden: int = 1024, seed: int = 0) -> torch.nn.ModuleList:
@@ -105,8 +116,11 @@ def load_retaining_heads(heads, path_or_heads) -> None:
     )
 
 
-def save_training_state(directory: str, heads, optimizer, *, step: int, config: dict, history: dict, write: bool) -> None:
-    """Write heads, optimizer moments and ``trainer_state.json`` to ``directory``.
+def save_training_state(directory: str, heads, optimizer, *, step: int, config: dict, history: dict, write: bool,
+                        report: Report = None) -> None:
+    """Write heads, optimizer moments and ``trainer_state.json`` to ``directory``, atomically:
+    a save killed midway leaves the previous checkpoint whole (leftovers are resolved by
+    the next save or load, and reported through ``report``; default: a warning).
 
     Collective over TP (every rank calls it); only ranks with ``write`` touch the disk.
     """
@@ -121,44 +135,88 @@ def save_training_state(directory: str, heads, optimizer, *, step: int, config: 
         moments[name] = gather_tensors(heads, shards)
     if not write:
         return
-    os.makedirs(directory, exist_ok=True)
-    save_retaining_heads(os.path.join(directory, HEADS_FILE), full)
+    stamp = {"step": str(int(step))}
     flat = {}
     for name, tensors in moments.items():
         flat.update({f"{name}.{k}": v.contiguous() for k, v in heads_state_dict(tensors).items()})
-    save_file(flat, os.path.join(directory, OPTIMIZER_FILE), metadata={"format": "pt"})
     meta = dict(format=STATE_FORMAT, version=STATE_VERSION, step=step, config=config, history=history,
                 num_layers=len(heads), hidden=heads[0].fc1.out_features)
-    tmp = os.path.join(directory, STATE_FILE + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(tmp, os.path.join(directory, STATE_FILE))
+    # the ".tmp" name is what saves before atomic directories left behind
+    with atomic_directory(directory, keep_others=True, drop=(STATE_FILE + ".tmp",), report=report) as tmp:
+        write_retaining_heads(os.path.join(tmp, HEADS_FILE), full, metadata=stamp)
+        save_file(flat, os.path.join(tmp, OPTIMIZER_FILE), metadata={**stamp, "format": "pt"})
+        with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=1)
 
 
-def load_training_state(directory: str, heads, optimizer) -> dict:
+def _read_state(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"cannot resume: {path} is not valid JSON ({exc}); {REMEDY}") from exc
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"cannot resume: {path} holds no JSON object; {REMEDY}")
+    if meta.get("format") != STATE_FORMAT or meta.get("version") != STATE_VERSION:
+        raise CheckpointError(f"{path}: format {meta.get('format')!r} v{meta.get('version')}, expected {STATE_FORMAT!r} v{STATE_VERSION}")
+    missing = [k for k in ("step", "num_layers", "hidden", "history") if k not in meta]
+    if missing:
+        raise CheckpointError(f"cannot resume: {path} lacks {missing}; {REMEDY}")
+    return meta
+
+
+def _check_steps(directory: str, step: int) -> None:
+    """Every part of the checkpoint from the same step (files without a step, written
+    before steps were recorded, pass)."""
+    steps = {STATE_FILE: step}
+    for name in (HEADS_FILE, OPTIMIZER_FILE):
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"cannot resume from {directory}: {name} is missing (an incomplete checkpoint); {REMEDY}")
+        found = safetensors_metadata(path, what="the training checkpoint file", remedy=REMEDY).get("step")
+        if found is not None:
+            if not found.isdigit():
+                raise CheckpointError(f"cannot resume: {path} records step {found!r}, not a number; {REMEDY}")
+            steps[name] = int(found)
+    if len(set(steps.values())) > 1:
+        parts = ", ".join(f"{name} step {s}" for name, s in steps.items())
+        raise CheckpointError(
+            f"cannot resume from {directory}: its parts come from different steps ({parts}); a save was "
+            f"interrupted or files were copied in from another checkpoint; {REMEDY}"
+        )
+
+
+def load_training_state(directory: str, heads, optimizer, *, report: Report = None) -> dict:
     """Load what :func:`save_training_state` wrote into ``heads`` and ``optimizer`` (this TP
-    rank's shards); returns the JSON state (``step``, ``config``, ``history``)."""
+    rank's shards); returns the JSON state (``step``, ``config``, ``history``).
+
+    Leftovers of an interrupted save are resolved first (reported through ``report``).  A
+    damaged file, a missing part or parts of different steps raise :class:`CheckpointError`
+    naming the files."""
+    recover(directory, report=report)
     path = os.path.join(directory, STATE_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"cannot resume: {path} does not exist (was {directory!r} written by train-heads?)")
-    with open(path, encoding="utf-8") as f:
-        meta = json.load(f)
-    if meta.get("format") != STATE_FORMAT or meta.get("version") != STATE_VERSION:
-        raise ValueError(f"{path}: format {meta.get('format')!r} v{meta.get('version')}, expected {STATE_FORMAT!r} v{STATE_VERSION}")
+    meta = _read_state(path)
     if meta["num_layers"] != len(heads) or meta["hidden"] != heads[0].fc1.out_features:
-        raise ValueError(
+        raise CheckpointError(
             f"cannot resume from {directory}: it holds {meta['num_layers']} heads {meta['hidden']} wide, "
             f"this run {len(heads)} heads {heads[0].fc1.out_features} wide; pass --hidden {meta['hidden']}"
         )
-    load_retaining_heads(heads, os.path.join(directory, HEADS_FILE))
-    flat = load_file(os.path.join(directory, OPTIMIZER_FILE))
+    _check_steps(directory, int(meta["step"]))
+    heads_path = os.path.join(directory, HEADS_FILE)
+    full = heads_from_state_dict(
+        load_safetensors(heads_path, what="the training checkpoint file", remedy=REMEDY), where=heads_path)
+    load_retaining_heads(heads, full)
+    opt_path = os.path.join(directory, OPTIMIZER_FILE)
+    flat = load_safetensors(opt_path, what="the training checkpoint file", remedy=REMEDY)
     num_heads, num_kv_heads, d, group = _counts(heads)
     tp_rank, tp = group_rank(group), group_size(group)
     step = int(meta["step"])
     moments = {}
     for name in ("exp_avg", "exp_avg_sq"):
         prefix = name + "."
-        full = heads_from_state_dict({k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}, where=f"{OPTIMIZER_FILE} ({name})")
+        full = heads_from_state_dict({k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}, where=f"{opt_path} ({name})")
         check_heads_fit(full, num_layers=len(heads), num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=d, hidden=meta["hidden"])
         moments[name] = [
             shard_retaining_head(*full[i], num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=d, tp_rank=tp_rank, tp_size=tp)

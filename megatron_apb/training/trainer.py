@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -211,19 +212,29 @@ class RetainingHeadTrainer:
         return result
 
     # ------------------------------------------------------------------ checkpoints
+    def _report(self, message: str) -> None:
+        """Where checkpoint housekeeping is reported: the log (first rank), else a warning."""
+        if self.log is not None:
+            self.log(f"checkpoint: {message}")
+        elif self.is_main:
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
     def save(self, directory: str) -> None:
         """Heads (reference layout, full), optimizer moments, step and history (collective
-        over TP; the first rank writes)."""
+        over TP; the first rank writes).  The directory is replaced whole: a save killed
+        midway leaves the previous checkpoint, and the next save or resume cleans up."""
         save_training_state(directory, self.heads, self.optimizer, step=self.step, config=self.config.to_dict(),
-                            history=self.history, write=self.is_main)
+                            history=self.history, write=self.is_main, report=self._report)
         for group in (self.tp_group, self.cp_group):  # the files exist before any rank reads them
             if group_size(group) > 1:
                 dist.barrier(group=group)
 
     def resume(self, directory: str) -> int:
         """Continue from :meth:`save`'s files; returns the step reached.  The configuration
-        may differ (e.g. more ``steps``) except for ``hidden``."""
-        meta = load_training_state(directory, self.heads, self.optimizer)
+        may differ (e.g. more ``steps``) except for ``hidden``.  A checkpoint whose parts
+        come from different steps, or a damaged one, raises
+        :class:`~megatron_apb.errors.CheckpointError` naming the files."""
+        meta = load_training_state(directory, self.heads, self.optimizer, report=self._report)
         self.step = int(meta["step"])
         self.history = meta["history"]
         if self.step > self.config.steps:
