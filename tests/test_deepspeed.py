@@ -187,7 +187,16 @@ def test_unknown_key_is_refused_with_the_valid_keys():
     message = str(info.value)
     assert message.startswith('DeepSpeed config, "apb" section: unknown key(s) [\'anchor\', \'passing\']'), message
     valid = message.split("valid keys: ", 1)[1].split(", ")
-    assert valid == ["cp_size", "heads"] + [f.name for f in dataclasses.fields(APBConfig)]
+    assert valid == ["cp_size", "heads", "timeout"] + [f.name for f in dataclasses.fields(APBConfig)]
+
+
+def test_timeout_key_is_checked():
+    """"timeout" sets how long a collective waits for a stalled peer (the CLI's --timeout)."""
+    section, _ = split_config({"apb": {"timeout": 30}})
+    assert section.timeout == 30.0 and split_config({"apb": {}})[0].timeout is None
+    for bad in (0, -1, "30", True, float("inf")):
+        with pytest.raises(APBConfigError, match="timeout must be a number of seconds > 0"):
+            split_config({"apb": {"timeout": bad}})
 
 
 def test_megatron_model_refuses_deepspeed_tp():

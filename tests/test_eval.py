@@ -18,7 +18,7 @@ import pytest
 
 from megatron_apb.config import APBConfig
 from megatron_apb.data import tasks
-from megatron_apb.eval import report
+from megatron_apb.eval import records, report
 from megatron_apb.eval.runner import eval_methods
 from megatron_apb.data import tokenize_prompt
 
@@ -251,7 +251,7 @@ def test_eval_cli_full_and_exact_agree_on_2_ranks(tmp_path):
     run(["tasks", "--tasks", "niah_single_1,niah_multikey_2", "--lengths", "768", "--samples", "1",
          "--output", str(samples)])
     common = ["eval", "--samples-file", str(samples), "--modes", "exact,star,apb", "--compressors", "random"]
-    run([*common, "--output", str(tmp_path / "full.json")])
+    run([*common, "--output", str(tmp_path / "full.json")])  # resuming: tests/test_faults.py
     run([*common, "--output", str(tmp_path / "cp2.json")], nproc=2)
     recs = report.load_records([str(tmp_path / "full.json"), str(tmp_path / "cp2.json")])
     assert sorted({r["method"] for r in recs}) == ["apb-random", "exact", "full", "star"]
@@ -262,8 +262,9 @@ def test_eval_cli_full_and_exact_agree_on_2_ranks(tmp_path):
     assert by[("full", "niah_single_1")]["score"] == 100.0
     proc = run(["eval-report", str(tmp_path / "full.json"), str(tmp_path / "cp2.json")])
     assert "exact ×2" in proc.stdout and "| 768 | 2 | exact | 2 | 2 (100.0%)" in proc.stdout
-    data = json.loads((tmp_path / "cp2.json").read_text())
-    assert data["meta"]["cp"] == 2 and len(data["records"]) == 2 * 3
+    (session,) = records.read_record_file(str(tmp_path / "cp2.json")).sessions  # JSON Lines, one run
+    assert session.meta["cp"] == 2 and len(session.records) == 2 * 3 and session.done["complete"]
+    assert all(json.loads(line) for line in (tmp_path / "cp2.json").read_text().splitlines())
 
 
 class _FakeEngine:

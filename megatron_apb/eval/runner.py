@@ -17,6 +17,7 @@ from ..config import APBConfig
 from ..data import TaskSample, score_answer, tokenize_prompt
 from ..errors import APBConfigError
 from ..inference.sampling import SamplingConfig
+from ..layout import plan_layout
 from ..registry import ALGORITHMS, COMPRESSORS
 
 
@@ -49,6 +50,34 @@ def eval_methods(base: APBConfig, modes: Sequence[str], compressors: Sequence[st
     return methods
 
 
+def _method_config(method: EvalMethod, prompt, header_len_as_prefix: bool) -> APBConfig:
+    """The config ``method`` runs a prompt with (the query after the chat header, unless
+    told otherwise)."""
+    config = method.config
+    return config.replace(query_prefix_len=prompt.header_len) if header_len_as_prefix else config
+
+
+def check_samples(tokenizer, samples: Iterable[TaskSample], methods: Sequence[EvalMethod], cp_size: int, *,
+                  header_len_as_prefix: bool = True, where: str = "") -> None:
+    """Refuse, before any model loads, a sample :func:`evaluate` could not run or score: no
+    expected answer, no answer budget, or a prompt that no layout of a method on
+    ``cp_size`` ranks fits (the error says what length would).  ``where``: the file named
+    in the errors."""
+    for s in samples:
+        name = f"{where + ': ' if where else ''}sample {s.task} L={s.length} #{s.index}"
+        if not s.answers or not all(isinstance(a, str) and a for a in s.answers):
+            raise APBConfigError(f"{name} has no expected answer to score against (answers={list(s.answers)!r})")
+        if isinstance(s.max_new_tokens, bool) or not isinstance(s.max_new_tokens, int) or s.max_new_tokens < 1:
+            raise APBConfigError(f"{name}: max_new_tokens must be an int >= 1, got {s.max_new_tokens!r}")
+        prompt = tokenize_prompt(tokenizer, s.document, s.question, answer_prefix=s.answer_prefix)
+        for method in methods:
+            try:
+                plan_layout(len(prompt.document_ids), len(prompt.query_ids),
+                            _method_config(method, prompt, header_len_as_prefix), cp_size)
+            except APBConfigError as exc:
+                raise APBConfigError(f"{name}, method {method.name}: {exc}", field=exc.field) from None
+
+
 def evaluate(
     engine,
     tokenizer,
@@ -58,6 +87,7 @@ def evaluate(
     header_len_as_prefix: bool = True,
     progress: Optional[Callable[[str], None]] = None,
     on_sample: Optional[Callable[[List[dict]], None]] = None,
+    on_record: Optional[Callable[[dict], None]] = None,
     skip: Collection[Tuple[str, int, int, str]] = (),
     local_decode: bool = True,
 ) -> List[dict]:
@@ -66,9 +96,10 @@ def evaluate(
     ``engine``: an :class:`~megatron_apb.inference.APBEngine` over the run's CP group; its
     config is swapped per method.  ``header_len_as_prefix``: embed the query in the anchor
     right after the chat header (APB's placement), unless the method sets its own prefix.
-    ``on_sample``: called with all records so far after each sample (e.g. to save them, so
-    an interrupted run keeps what it finished).  ``skip``: ``(task, length, index, method)``
-    already answered (e.g. by an earlier, interrupted run); they are not run again.
+    ``on_record``: called with each record as it finishes (e.g. to append it to a file, so
+    that an interrupted run keeps what it finished); ``on_sample``: with all records so far
+    after each sample.  ``skip``: ``(task, length, index, method)`` already answered (e.g.
+    by an earlier, interrupted run); they are not run again.
     ``local_decode``: after each distributed prefill, gather the caches and decode on every
     rank alone (exact either way; it saves a collective per layer and token, see
     :meth:`~megatron_apb.inference.APBEngine.gather_cache`).
@@ -82,9 +113,7 @@ def evaluate(
         sampling = SamplingConfig(temperature=0.0, max_new_tokens=sample.max_new_tokens, stop_ids=stops)
         todo = [m for m in methods if (sample.task, sample.length, sample.index, m.name) not in skip]
         for method in todo:
-            config = method.config
-            if header_len_as_prefix:
-                config = config.replace(query_prefix_len=prompt.header_len)
+            config = _method_config(method, prompt, header_len_as_prefix)
             engine.config = config
             result = engine.generate(prompt.document_ids, prompt.query_ids, sampling, local_decode=local_decode)
             prediction = tokenizer.decode(result.output_ids, skip_special_tokens=True).strip()
@@ -99,6 +128,8 @@ def evaluate(
                 anchor_len=result.layout.get("anchor_len"), passing_len=result.layout.get("passing_len"),
                 prefill_s=result.prefill_s, time_to_first_token_s=result.time_to_first_token_s,
             ))
+            if on_record is not None:
+                on_record(records[-1])
         if on_sample is not None:
             on_sample(records)
         if progress is not None:

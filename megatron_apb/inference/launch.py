@@ -9,6 +9,7 @@ is imported when a runtime or a model is first made.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import socket
@@ -20,9 +21,10 @@ import torch
 import torch.distributed as dist
 
 from .. import megatron as megatron_glue  # lazy package: Megatron-Core loads on first use
+from ..comm import DEFAULT_TIMEOUT_S, grace_s, name_group, set_collective_timeout, start_watchdog
 from ..config import DTYPES, APBConfig, parse_dtype
 from ..configargs import add_config_arguments, config_from_namespace
-from ..errors import APBConfigError
+from ..errors import APBConfigError, CheckpointError
 from ..heads import heads_to_megatron, read_retaining_heads
 
 #: flags spelled differently from their APBConfig field: ``mode`` is the context-parallel
@@ -57,9 +59,25 @@ class Runtime:
 
 
 def add_runtime_args(parser, *, dtype_help: str = "default bf16 on GPU, fp32 on CPU"):
-    """``--tp`` and ``--dtype``: how a command lays out and runs the model."""
+    """``--tp``, ``--dtype`` and ``--timeout``: how a command lays out and runs the model."""
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (CP = processes / TP)")
     parser.add_argument("--dtype", choices=list(DTYPES), help=dtype_help)
+
+    def seconds(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
+        return value
+
+    parser.add_argument(
+        "--timeout", type=seconds, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+        help="how long a rank waits for the others in a collective before it stops with an error "
+        "naming the operation: a peer rank that is stopped, hung or dead ends the job instead of "
+        f"hanging it (default: {DEFAULT_TIMEOUT_S:g})",
+    )
 
 
 def add_apb_args(parser, *, exclude: Iterable[str] = ()):
@@ -83,21 +101,101 @@ def apb_config_from_args(args, **defaults) -> APBConfig:
     return config_from_namespace(args, rename=APB_FLAG_RENAMES, **defaults)
 
 
+def context_parallel_size(tp: int) -> int:
+    """CP = processes / ``tp`` for this run's ``WORLD_SIZE`` (torchrun's), read before any
+    process group exists; a ``--tp`` that does not divide the processes is refused."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if tp < 1 or world % tp:
+        raise APBConfigError(f"--tp {tp} must divide the number of processes ({world}); CP = processes / TP")
+    return world // tp
+
+
+def check_input_file(path: str, flag: str) -> None:
+    """``flag``'s ``path`` is a file this process can read (not a directory)."""
+    if not os.path.exists(path):
+        raise APBConfigError(f"{flag} {path}: no such file")
+    if os.path.isdir(path):
+        raise APBConfigError(f"{flag} {path} is a directory; give a file")
+    if not os.access(path, os.R_OK):
+        raise APBConfigError(f"{flag} {path}: no permission to read it")
+
+
+def read_text_file(path: str, flag: str) -> str:
+    """The UTF-8 text of ``flag``'s file; an empty (or blank) one is refused."""
+    check_input_file(path, flag)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as exc:
+        raise APBConfigError(f"{flag} {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise APBConfigError(f"{flag} {path}: cannot read it ({exc.strerror or exc})") from None
+    if not text.strip():
+        raise APBConfigError(f"{flag} {path}: the document is empty; give a non-empty text file")
+    return text
+
+
+def check_output_path(path: str, flag: str) -> None:
+    """``flag``'s ``path`` can be written: not a directory, in a directory that exists, both
+    writable.  Nothing is created."""
+    if os.path.isdir(path):
+        raise APBConfigError(f"{flag} {path} is a directory; give a file name")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise APBConfigError(f"{flag} {path}: the directory {directory} does not exist; create it first")
+    if not os.access(directory, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise APBConfigError(f"{flag} {path}: no permission to write there")
+
+
+def check_model_path(path: Optional[str]) -> None:
+    """``--model``: None (the embedded SmolLM2) or a path that exists."""
+    if path is not None and not os.path.exists(path):
+        raise APBConfigError(
+            f"--model {path}: no such file or directory; give a Hugging Face directory, a .gguf "
+            "file or a directory written by `megatron-apb convert`"
+        )
+
+
+def load_tokenizer(path: Optional[str]):
+    """The tokenizer of checkpoint ``path`` (None: the embedded SmolLM2) without its
+    weights, so that a command checks its prompts before the model loads."""
+    # local: the checkpoints package imports Megatron-Core, and this module builds every parser
+    from ..checkpoints import default_model_path, load_tokenizer as read_tokenizer
+
+    tokenizer = read_tokenizer(path or default_model_path())
+    if tokenizer is None:
+        raise CheckpointError(f"{path}: no tokenizer found next to the weights")
+    return tokenizer
+
+
 def quiet_warnings():
     """Megatron warns at import about optional fused kernels it falls back from."""
     for pattern in ("Transformer Engine", "Apex", "flex_attention called without"):
         warnings.filterwarnings("ignore", message=f".*{pattern}.*")
 
 
-def init_runtime(tp: int = 1, dtype: Optional[str] = None, timeout_s: int = 900, backend: Optional[str] = None) -> Runtime:
+def init_runtime(
+    tp: int = 1, dtype: Optional[str] = None, timeout_s: Optional[float] = None, backend: Optional[str] = None
+) -> Runtime:
     """Join the process group set up by ``torchrun`` (or a one-process group), make the
     TP x CP grid (CP = world / TP) and pick device and dtype (bf16 on GPU, fp32 on CPU).
 
     ``backend``: ``"nccl"`` (default with GPUs: one GPU per rank) or ``"gloo"`` (default on
     CPU; with GPUs, ranks may outnumber them and share them round-robin, collectives go
     through host memory: for accuracy runs, not for speed).
+
+    ``timeout_s``: how long any collective may wait for the other ranks (``--timeout`` of
+    :func:`add_runtime_args`; default ``comm.DEFAULT_TIMEOUT_S``, 120 s).  A longer wait ends in
+    :class:`~megatron_apb.errors.CollectiveTimeout` (or, for a collective not issued
+    through :mod:`megatron_apb.comm`, the watchdog ending the process with status 2), naming
+    the rank, the operation and the group; a dead peer ends in ``CollectiveError``.  The
+    process groups get timeout + grace (gloo: their own error; NCCL, with
+    ``TORCH_NCCL_ASYNC_ERROR_HANDLING=1`` as torchrun sets it: the process is torn down).
     """
     quiet_warnings()
+    timeout_s = DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
+    if not 0 < timeout_s < float("inf"):
+        raise APBConfigError(f"--timeout must be > 0 seconds, got {timeout_s}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if tp < 1 or world % tp:
         raise APBConfigError(
@@ -116,6 +214,12 @@ def init_runtime(tp: int = 1, dtype: Optional[str] = None, timeout_s: int = 900,
                 "fewer processes or --comm-backend gloo to share GPUs"
             )
         torch.cuda.set_device(local_rank % gpus)
+    set_collective_timeout(timeout_s)
+    # the groups' own timeout is the backstop, after ours (wait_for, the watchdog) has named the stall
+    backstop = datetime.timedelta(seconds=timeout_s + grace_s(timeout_s))
+    if backend == "nccl":  # a timed-out NCCL collective tears the process down (torchrun's default)
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    start_watchdog(timeout_s)  # from here: a rendezvous that never completes is named too
     if not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ:
             os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -126,12 +230,18 @@ def init_runtime(tp: int = 1, dtype: Optional[str] = None, timeout_s: int = 900,
             backend,
             rank=int(os.environ.get("RANK", "0")),
             world_size=world,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=backstop,
         )
     megatron_glue.init_cpu_megatron()
     if not cuda:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     pg = megatron_glue.rank_grid_groups(tp, world // tp)
+    name_group(dist.group.WORLD, "default")
+    for name, group in (("data-parallel", pg.dp), ("pipeline", pg.pp), ("tensor-parallel", pg.tp),
+                        ("context-parallel", pg.cp)):
+        name_group(group, name)
+        # new_group gives torch's default timeout (30 min gloo, 10 min NCCL), not the world's
+        dist.distributed_c10d._set_pg_timeout(backstop, group)
     return Runtime(
         rank=dist.get_rank(), world=world, tp=tp, cp=world // tp, pg=pg,
         device=torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu"),

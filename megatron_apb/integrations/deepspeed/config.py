@@ -23,7 +23,7 @@ SECTION = 'DeepSpeed config, "apb" section'
 #: keys of the ``"apb"`` section that go to :class:`~megatron_apb.config.APBConfig`
 APB_CONFIG_KEYS = option_names()
 #: the section's own keys (not APBConfig fields)
-EXTRA_KEYS = ("cp_size", "heads")
+EXTRA_KEYS = ("cp_size", "heads", "timeout")
 #: every key of the ``"apb"`` section
 APB_SECTION_KEYS = EXTRA_KEYS + APB_CONFIG_KEYS
 
@@ -31,11 +31,14 @@ APB_SECTION_KEYS = EXTRA_KEYS + APB_CONFIG_KEYS
 @dataclass(frozen=True)
 class APBSection:
     """The validated ``"apb"`` section: APB settings, CP size (None: world / TP) and the
-    retaining-head checkpoint (None: none)."""
+    retaining-head checkpoint (None: none); ``timeout``: seconds a collective may wait for
+    the other ranks before it fails naming the operation (the command line's ``--timeout``;
+    None: ``comm.DEFAULT_TIMEOUT_S``)."""
 
     apb_config: APBConfig
     cp_size: Optional[int] = None
     heads: Optional[str] = None
+    timeout: Optional[float] = None
 
 
 def section_error(message: str) -> APBConfigError:
@@ -72,6 +75,10 @@ def read_section(section) -> APBSection:
     heads = section.get("heads")
     if heads is not None and not isinstance(heads, (str, os.PathLike)):
         raise section_error(f"heads must be the path of a safetensors file, got {heads!r}")
+    timeout = section.get("timeout")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not 0 < timeout < float("inf")):
+        raise section_error(f"timeout must be a number of seconds > 0, got {timeout!r}")
     fields = {k: v for k, v in section.items() if k not in EXTRA_KEYS}
     if heads is not None:
         fields.setdefault("compressor", "retaining_head")
@@ -83,7 +90,8 @@ def read_section(section) -> APBSection:
         )
     if heads is not None and not os.path.isfile(os.fspath(heads)):
         raise section_error(f"heads file {os.fspath(heads)!r} does not exist")
-    return APBSection(apb_config, cp_size, None if heads is None else os.fspath(heads))
+    return APBSection(apb_config, cp_size, None if heads is None else os.fspath(heads),
+                      None if timeout is None else float(timeout))
 
 
 def split_config(config) -> Tuple[APBSection, Dict[str, Any]]:

@@ -27,6 +27,7 @@ import deepspeed
 import torch.distributed as dist
 from megatron.core.models.gpt import GPTModel
 
+from ...comm import DEFAULT_TIMEOUT_S, set_collective_timeout, start_watchdog
 from ...config import APBConfig
 from ...errors import APBConfigError
 from ...heads import read_retaining_heads
@@ -116,6 +117,11 @@ def init_inference(
                 f"conflicting DeepSpeed setting {key!r}: config {ds_config[key]!r}, keyword {value!r}"
             )
         ds_config[key] = value
+    # a stalled peer fails our collectives naming them; with "timeout" set, the watchdog also
+    # ends the process when any other torch.distributed call stalls that long
+    set_collective_timeout(DEFAULT_TIMEOUT_S if section.timeout is None else section.timeout)
+    if section.timeout is not None:
+        start_watchdog(section.timeout)
     init_torch_distributed()
     init_deepspeed_comm()
     if isinstance(model, GPTModel):
