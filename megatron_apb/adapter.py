@@ -26,6 +26,8 @@ class ModelAdapter(Protocol):
     Attributes:
         device: where the model's weights (and so its inputs) live.
         vocab_size: rows of the logits that are real tokens (TP padding excluded).
+        max_positions: optional; the most positions the model was built for (None or
+            absent: no limit known); a prompt plus its answer must fit.
     """
 
     device: torch.device
@@ -38,7 +40,8 @@ class ModelAdapter(Protocol):
         """Every transformer layer, then the final norm: [s, b, hidden] -> [s, b, hidden]."""
 
     def logits(self, hidden: Tensor) -> Tensor:
-        """Full-vocabulary float logits [vocab_size] of one hidden state [1, 1, hidden]."""
+        """Full-vocabulary float logits [vocab_size] of one hidden state [1, 1, hidden]
+        (unchecked: the engine checks them for NaN/inf, outside a captured step)."""
 
     def rotary_table(self, length: int) -> Optional[Tensor]:
         """The whole rotary table for positions 0..length-1 [length, 1, 1, rot_dim], or None."""

@@ -37,6 +37,14 @@ class KVCacheHandle(Protocol):
 
     def get(self, layer: int) -> Tuple[Tensor, Tensor]: ...
 
+    # static storage (a ``static`` decode forward): device length and write position
+    lengths: Optional[Tensor]
+    slots: Optional[Tensor]
+
+    def write(self, layer: int, k: Tensor, v: Tensor) -> None: ...
+
+    def buffers(self, layer: int) -> Tuple[Tensor, Tensor]: ...
+
 
 @dataclass
 class ForwardContext:
@@ -55,6 +63,9 @@ class ForwardContext:
             (e.g. several modes on one set of weights).
         local_only: benchmarks only: collectives become local copies (wrong results),
             to measure the communication that is not hidden.
+        static: a decode forward that reads no host value (CUDA-graph capturable):
+            ``positions`` on the device, the new K/V written at the cache's device
+            ``slots``, attention over its device ``lengths`` with the split-KV kernel.
     """
 
     phase: str = PREFILL
@@ -64,6 +75,7 @@ class ForwardContext:
     kv_cache: Optional[KVCacheHandle] = None
     config: Optional[APBConfig] = None
     local_only: bool = False
+    static: bool = False
     # the layout the first APB layer checked with the other ranks: (rows, layout)
     checked: Optional[Tuple[int, CPLayout]] = field(default=None, repr=False)
     # values derived once per forward and shared by its layers (e.g. the rotary rows of this

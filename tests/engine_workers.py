@@ -134,3 +134,65 @@ def dummy_compressor_generate(rank, world, n_doc, n_new):
         engine = _engine(_model(apb_config, 1, world, pg), apb_config, pg)
         out[name] = engine.generate(doc, query, sampling).output_ids
     return out["dummy_random"], out["random"], len(calls)
+
+
+def static_vs_dynamic_steps(rank, world, n_doc, n_new, kwargs, device="cpu", graph=False):
+    """Decoding steps through :class:`DecodeStep` (static cache, in-place writes, device
+    lengths; ``graph``: CUDA-graph replays) against :meth:`APBEngine.step` (growing cache,
+    host lengths), from two prefills of one prompt, fed the same greedy tokens.  Returns
+    (the largest logit difference, the static path's tokens, the dynamic path's)."""
+    _setup()
+    if device == "cuda":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+        torch.backends.cuda.matmul.allow_tf32 = False
+    from megatron_apb import APBConfig
+    from megatron_apb.inference.decode import DecodeStep
+    from megatron_apb.megatron import rank_grid_groups
+
+    pg = rank_grid_groups(1, world)
+    doc, query = _prompt(n_doc, 4, seed=5)
+    apb_config = APBConfig(**kwargs)
+    engine = _engine(_model(apb_config, 1, world, pg).to(device), apb_config, pg)
+    with torch.no_grad():
+        static, _, n, _ = engine.prefill(doc, query, reserve=4 + n_new)
+        dynamic, _, _, _ = engine.prefill(doc, query, reserve=0)  # grows at every step
+        first = engine.step(static, query, n)
+        assert torch.equal(first, engine.step(dynamic, query, n))
+        runner = DecodeStep(engine, static, last_position=n + 4 + n_new, graph=graph)
+        token, position, err, ours, theirs = int(first.argmax()), n + 4, 0.0, [], []
+        for _ in range(n_new):
+            logits, finite = runner.step(token, position)
+            want = engine.step(dynamic, [token], position)
+            assert bool(finite)
+            err = max(err, (logits - want).abs().max().item())
+            ours.append(int(logits.argmax()))
+            theirs.append(int(want.argmax()))
+            token, position = theirs[-1], position + 1
+    return err, ours, theirs, static.tokens(), dynamic.tokens()
+
+
+def positions_and_room_errors(rank, world):
+    """The messages of a too-long generation and of a step beyond the cache's room."""
+    _setup()
+    from megatron_apb import APBConfig
+    from megatron_apb.errors import APBConfigError
+    from megatron_apb.inference import SamplingConfig
+    from megatron_apb.megatron import rank_grid_groups
+
+    pg = rank_grid_groups(1, 1)
+    apb_config = APBConfig(mode="exact")
+    engine = _engine(_model(apb_config, 1, 1, pg), apb_config, pg)
+    engine.adapter.max_positions = 64
+    doc, query = _prompt(40, 4, seed=1)
+    messages = []
+    try:
+        engine.generate(doc, query, SamplingConfig(max_new_tokens=26))
+    except APBConfigError as exc:
+        messages.append(str(exc))
+    cache, _, n, _ = engine.prefill(doc, query, reserve=4)
+    engine.step(cache, query, n)
+    try:
+        cache.set_tokens(cache.tokens() + 1)
+    except APBConfigError as exc:
+        messages.append(str(exc))
+    return messages

@@ -58,3 +58,28 @@ def test_local_decode_equals_distributed_decode_for_lossy_apb():
         assert logit_err <= 1e-5
         assert full_tokens == 30 + 4  # the whole document and the query
     assert [r[4] for r in results] == [8, 8, 8, 6 + 4]  # own blocks (the last one + query)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_static_decode_step_equals_growing_cache_step(world):
+    """The captured-step path (static cache written in place at a device row, attention
+    over a device length) gives the logits of the growing-cache step: 1e-5 (fp32)."""
+    from tests.engine_workers import static_vs_dynamic_steps
+
+    kwargs = dict(mode="apb", anchor_len=4, passing_len=3, query_prefix_len=0)
+    results = run_distributed(static_vs_dynamic_steps, world, 21, 6, kwargs)
+    for err, ours, theirs, static_tokens, dynamic_tokens in results:
+        assert err <= 1e-5, err
+        assert ours == theirs == results[0][2]
+        assert static_tokens == dynamic_tokens
+
+
+def test_prompt_beyond_positions_or_cache_is_refused():
+    """A prompt plus max_new_tokens beyond the model's positions, or beyond the cache a
+    decoding step was given, is refused naming what to change."""
+    from tests.engine_workers import positions_and_room_errors
+
+    (errors,) = run_distributed(positions_and_room_errors, 1)
+    positions, room = errors
+    assert "need 70 positions but the model has 64" in positions and "max_new_tokens" in positions
+    assert "KV cache holds" in room and "lower max_new_tokens" in room

@@ -206,3 +206,27 @@ def test_split_kv_decode_kernel_two_x_rule(m, lengths, causal):
         base = (plain.double() - ref64).abs().max().item()
         assert err <= 2 * base + 1e-6, (err, base)
         assert (lse[i : i + 1] - ref_lse).abs().max().item() < 1e-2
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_captured_decode_step_equals_growing_cache_step(graph):
+    """The static decoding step, replayed from a CUDA graph or run eagerly, gives the
+    growing-cache step's logits (fp32, TF32 off: 1e-4) and tokens, on one GPU."""
+    from tests.distributed import run_distributed
+    from tests.engine_workers import static_vs_dynamic_steps
+
+    kwargs = dict(mode="apb", anchor_len=4, passing_len=3, query_prefix_len=0)
+    ((err, ours, theirs, static_tokens, dynamic_tokens),) = run_distributed(
+        static_vs_dynamic_steps, 1, 300, 12, kwargs, "cuda", graph)
+    assert err <= 1e-4, err
+    assert ours == theirs and static_tokens == dynamic_tokens
+
+
+def test_engine_one_gpu_generation_matches_recompute():
+    """One rank on one GPU: generate() decodes with the captured step by default."""
+    from tests.distributed import run_distributed
+    from tests.engine_workers import generate_vs_recompute
+    from tests.test_engine import EXACT, LOSSLESS, _check
+
+    results = run_distributed(generate_vs_recompute, 1, 1, 1, 37, 8, [EXACT, LOSSLESS], "cuda")
+    _check(results, 37, 1, 8)

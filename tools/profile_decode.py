@@ -5,7 +5,7 @@ PyTorch profiler and reports per step: wall time, GPU kernel time by category (a
 matmul, norms/RoPE, copies/cache writes, sampling and other elementwise work), the time the
 GPU is idle while the host runs Python and launches kernels, and the host synchronisations.
 
-    python tools/profile_decode.py --length 131072 --steps 10 --out results/decode_profile.json
+    python tools/profile_decode.py --lengths 8192 131072 --steps 10 --path step graph --out results/decode_profile.json
 """
 
 from __future__ import annotations
@@ -32,12 +32,27 @@ CATEGORIES = [  # (category, substrings of CUDA kernel names), first match wins
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 
 
-def profile_steps(engine, doc, query, steps):
-    cache, _, n, _ = engine.prefill(doc, query)
+def profile_steps(engine, doc, query, steps, path="graph"):
+    """Profile ``steps`` decoding steps after a prefill of ``doc`` and the query step.
+
+    ``path``: ``"step"`` (:meth:`APBEngine.step`: growing cache, host positions, Python per
+    layer), ``"eager"`` (:class:`DecodeStep` run eagerly: static cache, device lengths) or
+    ``"graph"`` (:class:`DecodeStep` replayed from a CUDA graph: what ``generate`` runs)."""
+    from megatron_apb.inference.decode import DecodeStep
+
+    cache, _, n, _ = engine.prefill(doc, query, reserve=query.numel() + steps + 8)
     engine.step(cache, query, n)
     pos = n + query.numel()
-    for _ in range(3):  # warm-up
-        engine.step(cache, [1], pos)
+    if path == "step":
+        def run(position):
+            return engine.step(cache, [1], position)
+    else:
+        runner = DecodeStep(engine, cache, last_position=pos + steps + 4, graph=path == "graph")
+
+        def run(position):
+            return runner.step(1, position)[0]
+    for _ in range(3):  # warm-up (and the graph's capture)
+        int(run(pos).argmax())
         pos += 1
     torch.cuda.synchronize()
     walls = []
@@ -46,7 +61,7 @@ def profile_steps(engine, doc, query, steps):
         for _ in range(steps):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            int(engine.step(cache, [1], pos).argmax())  # the host reads the token, as generate does
+            int(run(pos).argmax())  # the host reads the token, as generate does
             torch.cuda.synchronize()
             walls.append(time.perf_counter() - t0)
             pos += 1
@@ -89,6 +104,8 @@ def main():
     p.add_argument("--shape", default="llama3-8b")
     p.add_argument("--lengths", type=int, nargs="+", default=[131072])
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--path", choices=["step", "eager", "graph"], nargs="+", default=["graph"],
+                   help="decoding path(s) to profile (see profile_steps)")
     p.add_argument("--out")
     args = p.parse_args()
     rt = init_runtime(1, "bf16")
@@ -99,12 +116,13 @@ def main():
     for n in args.lengths:
         doc = torch.randint(0, 100000, (n,), generator=torch.Generator().manual_seed(n))
         query = torch.randint(0, 100000, (32,), generator=torch.Generator().manual_seed(1))
-        prof, walls = profile_steps(engine, doc, query, args.steps)
-        row = dict(length=n, **breakdown(prof, args.steps, walls))
-        print(json.dumps({k: v for k, v in row.items() if k != "top_kernels"}), flush=True)
-        rows.append(row)
-        del prof
-        torch.cuda.empty_cache()
+        for path in args.path:
+            prof, walls = profile_steps(engine, doc, query, args.steps, path)
+            row = dict(length=n, path=path, **breakdown(prof, args.steps, walls))
+            print(json.dumps({k: v for k, v in row.items() if k != "top_kernels"}), flush=True)
+            rows.append(row)
+            del prof
+            torch.cuda.empty_cache()
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

@@ -8,9 +8,11 @@ query and generated tokens.
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
+
+from ..errors import APBConfigError
 
 Tensor = torch.Tensor
 
@@ -20,6 +22,13 @@ class CPKVCache:
 
     Phase-2 tokens are written in place into storage that grows geometrically, so a decoding
     step copies only the new token's K/V (not the whole cache); ``get`` returns views.
+
+    For a captured decoding step (:class:`~megatron_apb.inference.decode.DecodeStep`) the
+    storage is static instead: :meth:`set_tokens` sets the length on the host and in a
+    device tensor (:attr:`lengths`, with the write position :attr:`slots`), and
+    :meth:`write` copies the new K/V at the device position, so a step reads no host value
+    and the storage never moves.  ``reserve`` is then the exact room (query +
+    ``max_new_tokens``), checked by :meth:`check_room`.
 
     Args:
         valid_len: document tokens of this rank's block that are real (not padding).
@@ -41,6 +50,9 @@ class CPKVCache:
         self._keys: Dict[int, Tensor] = {}
         self._values: Dict[int, Tensor] = {}
         self._length: Dict[int, int] = {}
+        #: device copies of the length (int32 [batch]) and of the write position (int64 [1])
+        self.lengths: Optional[Tensor] = None
+        self.slots: Optional[Tensor] = None
 
     def store_prefill(self, layer: int, k: Tensor, v: Tensor):
         """Keep the block rows of a prefill (padding dropped)."""
@@ -69,6 +81,52 @@ class CPKVCache:
         self._keys[layer][:, n : n + m] = k
         self._values[layer][:, n : n + m] = v
         self._length[layer] = n + m
+
+    # ------------------------------------------------------------- static storage
+    def capacity(self) -> int:
+        """Rows the storage holds per layer without growing."""
+        return min(k.shape[1] for k in self._keys.values()) if self._keys else 0
+
+    def check_room(self, tokens: int) -> None:
+        """Refuse (naming the fix) a phase 2 that would need more than :meth:`capacity` rows."""
+        need = self.tokens() + tokens
+        if self.owner and need > self.capacity():
+            raise APBConfigError(
+                f"the KV cache holds {self.capacity()} tokens on this rank but the query and the "
+                f"answer need {need}: lower max_new_tokens, or prefill with a larger reserve "
+                "(APBEngine.prefill(..., reserve=query + max_new_tokens))"
+            )
+
+    def set_tokens(self, n: int) -> None:
+        """The owner's cache holds ``n`` tokens per layer (the new ones included), on the
+        host and in :attr:`lengths` / :attr:`slots` (device; the step's new token goes to row
+        ``n - 1``).  Launches two fills, reads nothing back."""
+        if not self._keys:
+            raise KeyError("no cached K/V: run the prefill first")
+        if self.owner:
+            if n > self.capacity():
+                self.check_room(n - self.tokens())
+            for layer in self._length:
+                self._length[layer] = n
+        if self.lengths is None:
+            any_k = next(iter(self._keys.values()))
+            self.lengths = torch.zeros(any_k.shape[0], dtype=torch.int32, device=any_k.device)
+            self.slots = torch.zeros(1, dtype=torch.long, device=any_k.device)
+        self.lengths.fill_(self.tokens())
+        self.slots.fill_(max(0, self.tokens() - 1))
+
+    def write(self, layer: int, k: Tensor, v: Tensor) -> None:
+        """Write one new token's K/V [batch, 1, kv_heads, d] at row :attr:`slots` (device)."""
+        if not self.owner:
+            raise RuntimeError("only the owner rank writes phase-2 tokens to its cache")
+        self._keys[layer].index_copy_(1, self.slots, k)
+        self._values[layer].index_copy_(1, self.slots, v)
+
+    def buffers(self, layer: int) -> Tuple[Tensor, Tensor]:
+        """The whole K and V storage of ``layer`` (rows past :attr:`lengths` are not valid)."""
+        if layer not in self._keys:
+            raise KeyError(f"no cached K/V for layer {layer}: run the prefill first")
+        return self._keys[layer], self._values[layer]
 
     def get(self, layer: int) -> Tuple[Tensor, Tensor]:
         """Views of the cached K and V of ``layer``."""

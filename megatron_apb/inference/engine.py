@@ -25,10 +25,12 @@ import torch.distributed as dist
 from ..adapter import ModelAdapter
 from ..comm import all_gather_async, collective_device, group_rank, group_size
 from ..config import APBConfig, APBConfigError
+from ..errors import NonFiniteError
 from ..forward import ForwardContext
 from ..layout import shard_document
 from ..megatron.adapter import MegatronAdapter
 from .cache import CPKVCache
+from .decode import DecodeStep, graphs_possible
 from .sampling import SamplingConfig, sample
 
 
@@ -50,6 +52,12 @@ class GenerationResult:
         return self.decode_tokens / self.decode_s if self.decode_s > 0 else float("nan")
 
 
+NONFINITE_LOGITS = (
+    "the model produced NaN/inf logits; check the checkpoint and the dtype (bf16/fp16 overflow) "
+    "and that every rank loaded the same weights"
+)
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -68,6 +76,10 @@ class APBEngine:
         sample_group, sample_src: ranks that take part in a generation and the global rank
             that samples and broadcasts (default: all ranks, rank 0).
         progress: called with a line of text on long work (e.g. ``print``), or None.
+        cuda_graphs: decode each generated token with one CUDA-graph launch
+            (:class:`~megatron_apb.inference.decode.DecodeStep`); default: on CUDA where the
+            step has no collective (one CP rank or ``local_decode``, TP 1).  False: the
+            same static step, run eagerly.
     """
 
     def __init__(
@@ -82,6 +94,7 @@ class APBEngine:
         sample_group=None,
         sample_src: int = 0,
         progress: Optional[Callable[[str], None]] = None,
+        cuda_graphs: Optional[bool] = None,
     ):
         if isinstance(model, ModelAdapter):
             self.adapter = model
@@ -95,6 +108,7 @@ class APBEngine:
         self.progress = progress
         self.device = self.adapter.device
         self._table = None  # the rotary table, computed once for many forwards
+        self.cuda_graphs = cuda_graphs
 
     # Positions added to the rotary table beyond the current need, so that decoding
     # recomputes it once per this many tokens instead of at every step.
@@ -116,7 +130,33 @@ class APBEngine:
 
     def _logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary float logits [vocab] of one hidden state [1, 1, hidden]."""
-        return self.adapter.logits(hidden_last)[: self.vocab_size]
+        logits = self.adapter.logits(hidden_last)[: self.vocab_size]
+        if not torch.isfinite(logits).all():
+            raise NonFiniteError(NONFINITE_LOGITS)
+        return logits
+
+    def _pick(self, logits, finite, sampling: SamplingConfig, generator) -> int:
+        """The next token from a decode step's logits and its device finiteness flag: for
+        greedy decoding one host read carries both."""
+        if sampling.temperature == 0:
+            token, ok = torch.stack([logits.argmax(), finite.long()]).tolist()
+        else:
+            ok = bool(finite)
+            token = sample(logits, sampling, generator) if ok else None
+        if not ok:
+            raise NonFiniteError(NONFINITE_LOGITS)
+        return token
+
+    def check_positions(self, n_doc: int, n_query: int, max_new_tokens: int) -> None:
+        """Refuse a prompt plus answer beyond the model's positions, naming what to shorten."""
+        limit = getattr(self.adapter, "max_positions", None)
+        need = n_doc + n_query + max_new_tokens
+        if limit and need > limit:
+            raise APBConfigError(
+                f"the document ({n_doc} tokens), the query ({n_query}) and max_new_tokens "
+                f"({max_new_tokens}) need {need} positions but the model has {limit}: shorten the "
+                "document or lower max_new_tokens (or build the model with a larger max_sequence_length)"
+            )
 
     def _broadcast_token(self, token: int, group=None, src=None) -> int:
         """The token of global rank ``src`` on every rank of ``group`` (default: the
@@ -134,18 +174,20 @@ class APBEngine:
 
     # --------------------------------------------------------------- the work
     @torch.no_grad()
-    def prefill(self, document_ids, query_ids, *, local_only: bool = False):
+    def prefill(self, document_ids, query_ids, *, local_only: bool = False, reserve: int = 256):
         """Run the distributed prefill; returns (cache, layout, n_doc, seconds).
 
-        ``local_only`` (benchmarks only): collectives become local copies, to time the
-        prefill without communication; the cache is then wrong."""
+        ``reserve``: phase-2 tokens (query + answer) the last rank's cache makes room for
+        at once (decoding beyond it copies the cache to grow it; :class:`DecodeStep`
+        refuses).  ``local_only`` (benchmarks only): collectives become local copies, to
+        time the prefill without communication; the cache is then wrong."""
         doc = torch.as_tensor(document_ids, dtype=torch.long).flatten()
         query = torch.as_tensor(query_ids, dtype=torch.long).flatten()
         if query.numel() == 0:
             raise APBConfigError("the query is empty; give a question")
         tokens, layout = shard_document(doc, query, self.config, self.cp_size, pad_id=self.pad_id)
         valid = max(0, min(layout.block_len, doc.numel() - layout.block_start(self.cp_rank)))
-        cache = CPKVCache(valid_len=valid, owner=self.cp_rank == self.cp_size - 1)
+        cache = CPKVCache(valid_len=valid, owner=self.cp_rank == self.cp_size - 1, reserve=reserve)
         table_len = layout.block_len * self.cp_size + layout.anchor_len + 1
         hooks = self._progress_hooks("prefill")
         try:
@@ -163,7 +205,8 @@ class APBEngine:
         return cache, layout, doc.numel(), seconds
 
     @torch.no_grad()
-    def gather_cache(self, cache: CPKVCache, layout, n_doc: int, *, keep: bool = True) -> Optional[CPKVCache]:
+    def gather_cache(self, cache: CPKVCache, layout, n_doc: int, *, keep: bool = True,
+                     reserve: Optional[int] = None) -> Optional[CPKVCache]:
         """Every rank's block K/V in one ``complete`` cache, with which phase 2 runs on a rank
         alone (no collective per layer and token), with the same exact attention as the
         distributed phase 2.  Costs the whole document's K/V on each rank that keeps it.
@@ -174,7 +217,8 @@ class APBEngine:
             return cache
         block = layout.block_len
         valid = [max(0, min(block, n_doc - layout.block_start(r))) for r in range(self.cp_size)]
-        full = CPKVCache(valid_len=n_doc, owner=True, complete=True) if keep else None
+        room = cache.reserve if reserve is None else reserve
+        full = CPKVCache(valid_len=n_doc, owner=True, reserve=room, complete=True) if keep else None
         for layer in cache.layers():
             k, v = cache.get(layer)  # [b, valid_r, kv, d]; K and V travel together, padded to the block
             packed = k.new_zeros((2, k.shape[0], block) + tuple(k.shape[2:]))
@@ -205,8 +249,13 @@ class APBEngine:
         out, position = [token], n_doc + query.numel()
         stops = set(sampling.stop_ids)
         decode_start = time.perf_counter()
+        if len(out) < sampling.max_new_tokens and token not in stops:
+            groups = (self.tp_group,) if cache.complete else (self.cp_group, self.tp_group)
+            graph = self.cuda_graphs if self.cuda_graphs is not None else graphs_possible(self.device, *groups)
+            runner = DecodeStep(self, cache, last_position=position + sampling.max_new_tokens, graph=graph)
         while len(out) < sampling.max_new_tokens and token not in stops:
-            token = broadcast(sample(self.step(cache, [token], position), sampling, gen))
+            logits, finite = runner.step(token, position)
+            token = broadcast(self._pick(logits, finite, sampling, gen))
             out.append(token)
             position += 1
         _sync(self.device)
@@ -246,8 +295,11 @@ class APBEngine:
         its tokens: the same answer (phase 2 is exact either way), with one collective per
         layer instead of one per layer and token, and one rank's GPU work instead of all.
         """
-        cache, layout, n_doc, prefill_s = self.prefill(document_ids, query_ids)
         query = torch.as_tensor(query_ids, dtype=torch.long).flatten()
+        n_doc = torch.as_tensor(document_ids).numel()
+        self.check_positions(n_doc, query.numel(), sampling.max_new_tokens)
+        room = query.numel() + sampling.max_new_tokens
+        cache, layout, n_doc, prefill_s = self.prefill(document_ids, query_ids, reserve=room)
         if local_decode and self.cp_size > 1:
             out, first_s, decode_s = self._decode_on_last_rank(cache, layout, query, n_doc, sampling)
         else:

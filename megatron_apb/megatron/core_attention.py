@@ -28,7 +28,7 @@ from ..compress import RetainingHead, ScoreInputs, init_retaining_head_, score_b
 from ..config import APBConfig, CPLayout
 from ..errors import APBConfigError, PeerRankError
 from ..forward import ForwardContext
-from ..ops.fused import fused_rope
+from ..ops.fused import fused_rope, rope_cos_sin
 from ..parallel import decode_attention
 from .rope import apply_rope, rope_positions, table_rows
 
@@ -179,28 +179,41 @@ class APBCoreAttention(MegatronModule):
         """Decoding: new tokens attend to every rank's cache, merged exactly by LSE."""
         seq = query.shape[0]
         q, k, v = (t.transpose(0, 1) for t in (query, key, value))
-        q, k = self._rotate(q, k, ctx, table, lambda: ctx.positions.cpu(), 1)
-        cache = ctx.kv_cache
-        if cache.owner:
-            cache.append(self.layer_number, k, v)
-        k_cache, v_cache = cache.get(self.layer_number)
+        cache, lengths = ctx.kv_cache, None
+        if ctx.static:  # no host value read: positions, write row and lengths live on the device
+            q, k = self._rotate(q, k, ctx, table, None, 1)
+            if cache.owner:
+                cache.write(self.layer_number, k, v)
+            k_cache, v_cache = cache.buffers(self.layer_number)
+            lengths = cache.lengths
+        else:
+            q, k = self._rotate(q, k, ctx, table, lambda: ctx.positions.cpu(), 1)
+            if cache.owner:
+                cache.append(self.layer_number, k, v)
+            k_cache, v_cache = cache.get(self.layer_number)
         out = decode_attention(
             q, k_cache, v_cache, owner=cache.owner, group=None if cache.complete else self.cp_group,
-            softmax_scale=self.softmax_scale, backend=cfg.backend,
+            softmax_scale=self.softmax_scale, backend=cfg.backend, lengths=lengths,
         )
         return out.transpose(0, 1).reshape(seq, out.shape[0], -1)
 
     def _rotate(self, q, k, ctx, table, positions, cp):
         """RoPE at ``positions()`` (host positions: checked against the table without a
-        device sync); the table rows are gathered once per forward and kept in its memo."""
+        device sync; None: ``ctx.positions`` on the device, checked by the caller); the table
+        rows are gathered once per forward and kept in its memo."""
         if table is None:  # no rotary embedding (e.g. position_embedding_type='none')
             return q, k
         key = ("rope_rows", id(table), cp, q.shape[1])
         freqs = ctx.memo.get(key)
-        if freqs is None:
+        if freqs is None and positions is None:
+            freqs = ctx.memo[key] = table.reshape(table.shape[0], -1).index_select(0, ctx.positions)
+        elif freqs is None:
             freqs = ctx.memo[key] = table_rows(table, positions(), cp, q.shape[1])
         if self.apb_config.fused_rope and not self.rotary_interleaved and freqs.shape[-1] == q.shape[-1]:
-            return fused_rope(q, freqs), fused_rope(k, freqs)
+            cos_sin = ctx.memo.get(key + ("cos_sin",))
+            if cos_sin is None:
+                cos_sin = ctx.memo[key + ("cos_sin",)] = rope_cos_sin(freqs, q.device)
+            return fused_rope(q, freqs, cos_sin=cos_sin), fused_rope(k, freqs, cos_sin=cos_sin)
         return apply_rope(q, freqs, self.rotary_interleaved), apply_rope(k, freqs, self.rotary_interleaved)
 
     # ------------------------------------------------------------------ layout

@@ -53,11 +53,12 @@ def split_kv_attention_reference(
     L, kvh = k.shape[1], k.shape[2]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     lengths = _lengths(lengths, b, L, q.device)
-    kf = k.float().repeat_interleave(h // kvh, dim=2)
-    vf = v.float().repeat_interleave(h // kvh, dim=2)
-    scores = torch.einsum("bmhd,blhd->bhml", q.float(), kf) * scale
     key = torch.arange(L, device=q.device)
-    visible = key[None, None, :] < lengths[:, None, None]  # [b, 1, L]
+    valid = key[None, :] < lengths[:, None]  # [b, L]: rows past a length are never read
+    kf = k.float().masked_fill(~valid[..., None, None], 0.0).repeat_interleave(h // kvh, dim=2)
+    vf = v.float().masked_fill(~valid[..., None, None], 0.0).repeat_interleave(h // kvh, dim=2)
+    scores = torch.einsum("bmhd,blhd->bhml", q.float(), kf) * scale
+    visible = valid[:, None, :]  # [b, 1, L]
     if causal:
         row = torch.arange(m, device=q.device)
         limit = row[None, :, None] + (lengths[:, None, None] - m)  # [b, m, 1]
@@ -135,16 +136,17 @@ def split_kv_attention(
         kvh, m, scale, split_len,
         GROUP=group, ROWS=rows, BLOCK_R=block_r, BLOCK_N=BLOCK_N, D=d, CAUSAL=causal,
     )
-    # combine the splits by log-sum-exp: [b, kvh, S, R] -> [b, kvh, R]
-    lse_part = lse_part[..., :rows]
-    lse = torch.logsumexp(lse_part, dim=2)
-    weights = torch.exp(lse_part - lse.masked_fill(torch.isinf(lse), 0.0)[:, :, None])
-    weights = weights.masked_fill(torch.isinf(lse_part), 0.0)
-    out = (weights[..., None] * o_part[:, :, :, :rows]).sum(dim=2)  # [b, kvh, R, d]
-    # rows are (query i, head j of the group): [b, kvh, m, group, d] -> [b, m, kvh*group, d]
-    out = out.view(b, kvh, m, group, d).permute(0, 2, 1, 3, 4).reshape(b, m, h, d)
-    lse = lse.view(b, kvh, m, group).permute(0, 1, 3, 2).reshape(b, h, m)
-    return out.to(q.dtype), lse
+    # combine the splits by log-sum-exp, writing rows (query i, head j of the group) straight
+    # into out [b, m, heads, d] and lse [b, heads, m]
+    out = torch.empty((b, m, h, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, h, m), dtype=torch.float32, device=q.device)
+    _combine_kernel[(b * kvh, rows)](
+        o_part, lse_part, out, lse,
+        *o_part.stride(), *lse_part.stride(), *out.stride(), *lse.stride(),
+        kvh, num_splits,
+        GROUP=group, BLOCK_S=triton.next_power_of_2(num_splits), D=d,
+    )
+    return out, lse
 
 
 if HAVE_TRITON:
@@ -206,3 +208,34 @@ if HAVE_TRITON:
         o_ptr = O_PART + b * so_b + kvh * so_h + split * so_s + r[:, None] * so_r + d[None, :] * so_d
         tl.store(o_ptr, out)
         tl.store(LSE_PART + b * sl_b + kvh * sl_h + split * sl_s + r * sl_r, lse)
+
+    @triton.jit
+    def _combine_kernel(
+        O_PART, LSE_PART, OUT, LSE,
+        so_b, so_h, so_s, so_r, so_d,
+        sl_b, sl_h, sl_s, sl_r,
+        out_b, out_m, out_h, out_d,
+        lse_b, lse_h, lse_m,
+        KV_HEADS, SPLITS,
+        GROUP: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr,
+    ):
+        pid_bh = tl.program_id(0)
+        r = tl.program_id(1)
+        b = pid_bh // KV_HEADS
+        kvh = pid_bh % KV_HEADS
+        sp = tl.arange(0, BLOCK_S)
+        d = tl.arange(0, D)
+        ok = sp < SPLITS
+        part = tl.load(LSE_PART + b * sl_b + kvh * sl_h + sp * sl_s + r * sl_r, mask=ok, other=float("-inf"))
+        top = tl.max(part, axis=0)
+        top_safe = tl.where(top == float("-inf"), 0.0, top)
+        w = tl.where(part == float("-inf"), 0.0, tl.exp(part - top_safe))
+        total = tl.sum(w, axis=0)
+        o = tl.load(O_PART + b * so_b + kvh * so_h + sp[:, None] * so_s + r * so_r + d[None, :] * so_d,
+                    mask=ok[:, None], other=0.0)
+        acc = tl.sum(w[:, None] * o, axis=0) / tl.where(total > 0, total, 1.0)
+        lse = tl.where(total > 0, top_safe + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
+        qi = r // GROUP
+        head = kvh * GROUP + r % GROUP
+        tl.store(OUT + b * out_b + qi * out_m + head * out_h + d * out_d, acc.to(OUT.dtype.element_ty))
+        tl.store(LSE + b * lse_b + head * lse_h + qi * lse_m, lse)

@@ -16,6 +16,7 @@ References: ``torch.nn.functional.rms_norm`` and
 from __future__ import annotations
 
 import functools
+from typing import Optional, Tuple
 
 import torch
 
@@ -55,15 +56,23 @@ def fused_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return _run("rms_norm", x, weight, eps)
 
 
-def fused_rope(x: Tensor, freqs: Tensor) -> Tensor:
-    """Rotate x [b, s, heads, d] (non-interleaved halves) by angles freqs [s, d]."""
+def rope_cos_sin(freqs: Tensor, device=None) -> Tuple[Tensor, Tensor]:
+    """float32 (cos, sin) of the angles ``freqs`` [s, d], for :func:`fused_rope`."""
+    angles = freqs.to(device if device is not None else freqs.device).float()
+    return angles.cos(), angles.sin()
+
+
+def fused_rope(x: Tensor, freqs: Tensor, *, cos_sin: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+    """Rotate x [b, s, heads, d] (non-interleaved halves) by angles freqs [s, d].
+
+    ``cos_sin``: :func:`rope_cos_sin` of ``freqs``, when several tensors (q and k, every
+    layer of a forward) share the angles."""
     if freqs.shape[-1] != x.shape[-1]:
         raise ValueError(
             f"fused_rope rotates the whole head ({x.shape[-1]}), got rotary dim {freqs.shape[-1]}; "
             "use megatron_apb.megatron.rope.apply_rope for partial rotary embeddings"
         )
-    angles = freqs.to(x.device).float()
-    cos, sin = angles.cos(), angles.sin()
+    cos, sin = cos_sin if cos_sin is not None else rope_cos_sin(freqs, x.device)
     if triton_kernels.usable(x) and x.stride(-1) == 1:
         return triton_kernels.rope_triton(x, cos, sin)
     return _run("rope", x, cos, sin)

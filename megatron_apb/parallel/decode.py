@@ -38,12 +38,20 @@ def decode_attention(
     group,
     softmax_scale: Optional[float] = None,
     backend: str = "auto",
+    lengths: Optional[Tensor] = None,
 ) -> Tensor:
     """q [batch, m, heads, d]; the cache [batch, L, kv_heads, d] (the owner's includes the m
-    new tokens at its end).  Returns the merged [batch, m, heads, d], equal on every rank."""
+    new tokens at its end).  Returns the merged [batch, m, heads, d], equal on every rank.
+
+    ``lengths``: int [batch] on the device, the valid rows of each sequence's cache (the
+    rest of the storage is ignored): a static cache read without a host sync, by the
+    split-KV kernel (its float32 reference where Triton is missing)."""
     check_attention_inputs(q, k_cache, v_cache, where="decode_attention")  # metadata only
     rows = q.shape[1] * (q.shape[2] // k_cache.shape[2])
-    if backend == "auto" and q.is_cuda and kernel_available(q) and rows <= SPLIT_KV_MAX_ROWS:
+    if lengths is not None:
+        out, lse = split_kv_attention(q, k_cache, v_cache, lengths=lengths, causal=owner,
+                                      softmax_scale=softmax_scale)
+    elif backend == "auto" and q.is_cuda and kernel_available(q) and rows <= SPLIT_KV_MAX_ROWS:
         # flash-decoding: the cache is split across thread blocks, GQA read natively
         out, lse = split_kv_attention(q, k_cache, v_cache, causal=owner, softmax_scale=softmax_scale)
     else:

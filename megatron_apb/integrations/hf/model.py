@@ -38,7 +38,7 @@ from ...checkpoints import ModelSpec
 from ...comm import group_rank, group_size
 from ...compress import shard_retaining_head
 from ...config import APBConfig
-from ...errors import APBConfigError, NonFiniteError
+from ...errors import APBConfigError
 from ...forward import ForwardContext
 from ...megatron.core_attention import APBCoreAttention
 
@@ -167,6 +167,7 @@ class HFModelForAPB(nn.Module):
         self.attentions = attentions  # a plain list: the modules are registered via hf_model
         self.apb_config = attentions[0].core_attention.apb_config if attentions else apb_config
         self.vocab_size = self.spec.vocab_size
+        self.max_positions = self.spec.max_position_embeddings
         self._inv_freq = self.spec.rope_inv_freq().float()  # not a buffer: casts must not touch it
         self._position_scale = (
             1.0 / self.spec.rope_scaling_factor if self.spec.rope_scaling_type == "linear" else 1.0
@@ -190,13 +191,7 @@ class HFModelForAPB(nn.Module):
         return inner.norm(x).transpose(0, 1)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.hf_model.get_output_embeddings()(hidden).reshape(-1)[: self.vocab_size].float()
-        if not torch.isfinite(logits).all():
-            raise NonFiniteError(
-                "the model produced NaN/inf logits; check the checkpoint and the dtype "
-                "(bf16/fp16 overflow) and that every rank loaded the same weights"
-            )
-        return logits
+        return self.hf_model.get_output_embeddings()(hidden).reshape(-1)[: self.vocab_size].float()
 
     def rotary_table(self, length: int) -> Optional[torch.Tensor]:
         return _rotary_table(self._inv_freq, self._position_scale, length, self.device)
