@@ -40,7 +40,7 @@ class ModelAdapter(Protocol):
         """Every transformer layer, then the final norm: [s, b, hidden] -> [s, b, hidden]."""
 
     def logits(self, hidden: Tensor) -> Tensor:
-        """Full-vocabulary float logits [vocab_size] of one hidden state [1, 1, hidden]
+        """Full-vocabulary float logits [s * b, vocab_size] of hidden states [s, b, hidden]
         (unchecked: the engine checks them for NaN/inf, outside a captured step)."""
 
     def rotary_table(self, length: int) -> Optional[Tensor]:

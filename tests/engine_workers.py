@@ -196,3 +196,36 @@ def positions_and_room_errors(rank, world):
     except APBConfigError as exc:
         messages.append(str(exc))
     return messages
+
+
+def batch_vs_one_by_one(rank, world, tp, cp, n_new, kwargs, device="cpu"):
+    """``generate_batch`` on prompts of different lengths vs ``generate`` on each alone
+    (greedy); a stop token that ends one sequence early; and the refusals of bad batches.
+    Returns (batch tokens, one-by-one tokens, error messages)."""
+    _setup()
+    if device == "cuda":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+        torch.backends.cuda.matmul.allow_tf32 = False
+    from megatron_apb import APBConfig
+    from megatron_apb.errors import APBConfigError
+    from megatron_apb.inference import SamplingConfig
+    from megatron_apb.megatron import rank_grid_groups
+
+    pg = rank_grid_groups(tp, cp)
+    apb_config = APBConfig(**kwargs)
+    engine = _engine(_model(apb_config, tp, cp, pg).to(device), apb_config, pg)
+    prompts = [_prompt(n, q, seed=n) for n, q in ((23, 4), (37, 3), (30, 2))]
+    sampling = SamplingConfig(max_new_tokens=n_new)
+    alone = [engine.generate(doc, query, sampling).output_ids for doc, query in prompts]
+    stop = alone[1][2]  # ends the second sequence at its third token
+    stopping = SamplingConfig(max_new_tokens=n_new, stop_ids=[stop])
+    alone_stop = [engine.generate(doc, query, stopping).output_ids for doc, query in prompts]
+    together = [r.output_ids for r in engine.generate_batch(prompts, sampling)]
+    together_stop = [r.output_ids for r in engine.generate_batch(prompts, stopping)]
+    errors = []
+    for bad in ([], [(prompts[0][0], [])], [([], prompts[0][1])], [prompts[0][0]]):
+        try:
+            engine.generate_batch(bad, sampling)
+        except APBConfigError as exc:
+            errors.append(str(exc))
+    return (together, together_stop), (alone, alone_stop), errors

@@ -83,3 +83,18 @@ def test_prompt_beyond_positions_or_cache_is_refused():
     positions, room = errors
     assert "need 70 positions but the model has 64" in positions and "max_new_tokens" in positions
     assert "KV cache holds" in room and "lower max_new_tokens" in room
+
+
+@pytest.mark.parametrize("tp,cp", [(1, 1), (1, 4), (2, 2)])
+def test_batch_generation_equals_one_by_one(tp, cp):
+    """Prompts of different lengths decoded together give each prompt's own tokens (also
+    when a stop token ends one early); bad batches are refused naming the prompt."""
+    from tests.engine_workers import batch_vs_one_by_one
+
+    kwargs = dict(mode="apb", anchor_len=4, passing_len=3, query_prefix_len=0)
+    results = run_distributed(batch_vs_one_by_one, tp * cp, tp, cp, 6, kwargs)
+    for together, alone, errors in results:
+        assert together == alone == results[0][1]
+        assert len(alone[1][1]) == 3 and len(alone[1][0]) == 6  # the stop token ended it early
+        assert [e.split(":")[0] for e in errors] == [
+            "generate_batch needs at least one (document, query) prompt", "prompt 0", "prompt 0", "prompt 0"]

@@ -230,3 +230,14 @@ def test_engine_one_gpu_generation_matches_recompute():
 
     results = run_distributed(generate_vs_recompute, 1, 1, 1, 37, 8, [EXACT, LOSSLESS], "cuda")
     _check(results, 37, 1, 8)
+
+
+def test_batch_generation_on_one_gpu_equals_one_by_one():
+    """Three prompts of different lengths decoded together (a captured batched step, ragged
+    cache lengths) give each prompt's own greedy tokens, a stop token included."""
+    from tests.distributed import run_distributed
+    from tests.engine_workers import batch_vs_one_by_one
+
+    kwargs = dict(mode="apb", anchor_len=4, passing_len=3, query_prefix_len=0)
+    ((together, alone, errors),) = run_distributed(batch_vs_one_by_one, 1, 1, 1, 6, kwargs, "cuda")
+    assert together == alone and len(errors) == 4

@@ -115,6 +115,10 @@ class CPKVCache:
         self.lengths.fill_(self.tokens())
         self.slots.fill_(max(0, self.tokens() - 1))
 
+    def advance(self) -> None:
+        """Make room for one more decoded token (the owner's length grows by one)."""
+        self.set_tokens(self.tokens() + 1 if self.owner else self.tokens())
+
     def write(self, layer: int, k: Tensor, v: Tensor) -> None:
         """Write one new token's K/V [batch, 1, kv_heads, d] at row :attr:`slots` (device)."""
         if not self.owner:
@@ -127,6 +131,10 @@ class CPKVCache:
         if layer not in self._keys:
             raise KeyError(f"no cached K/V for layer {layer}: run the prefill first")
         return self._keys[layer], self._values[layer]
+
+    def release(self, layer: int) -> None:
+        """Drop ``layer``'s K/V (its storage is freed once no view holds it)."""
+        self._keys.pop(layer, None), self._values.pop(layer, None), self._length.pop(layer, None)
 
     def get(self, layer: int) -> Tuple[Tensor, Tensor]:
         """Views of the cached K and V of ``layer``."""
@@ -142,3 +150,76 @@ class CPKVCache:
     def tokens(self) -> int:
         """Tokens cached per layer on this rank."""
         return next(iter(self._length.values())) if self._length else 0
+
+
+class BatchedKVCache:
+    """The complete caches of several sequences in one static storage, for decoding them
+    together: K/V per layer [batch, capacity, kv_heads, d], the length of each sequence in
+    :attr:`lengths` (device int32 [batch]) and its write row in :attr:`slots` (device int64
+    [batch]).  Made from complete single-sequence caches (CP 1, or gathered), which it
+    takes over: each layer is copied, then released from them (the peak is the batch plus
+    one layer); ``room``: decoded tokens each sequence may add.
+
+    :meth:`advance` lengthens every sequence by one token on the device (no host read);
+    :meth:`write` puts each sequence's new K/V at its own row.
+    """
+
+    owner = True
+    complete = True
+
+    def __init__(self, caches, room: int):
+        caches = list(caches)
+        if not caches:
+            raise ValueError("BatchedKVCache needs at least one cache")
+        if not all(c.complete for c in caches):
+            raise ValueError("BatchedKVCache takes complete caches (one CP rank, or gathered)")
+        if room < 0:
+            raise ValueError(f"room must be >= 0, got {room}")
+        layers = caches[0].layers()
+        self.host_lengths = [c.tokens() for c in caches]
+        capacity = max(self.host_lengths) + room
+        self._keys: Dict[int, Tensor] = {}
+        self._values: Dict[int, Tensor] = {}
+        for layer in layers:
+            for store, part in ((self._keys, 0), (self._values, 1)):
+                first = caches[0].get(layer)[part]
+                buf = first.new_zeros((len(caches), capacity) + tuple(first.shape[2:]))
+                for i, cache in enumerate(caches):
+                    x = cache.get(layer)[part]
+                    buf[i, : x.shape[1]] = x[0]
+                store[layer] = buf
+            for cache in caches:
+                cache.release(layer)
+        device = next(iter(self._keys.values())).device
+        self.lengths = torch.tensor(self.host_lengths, dtype=torch.int32, device=device)
+        self.slots = (self.lengths.long() - 1).clamp_(min=0)
+        self._rows = torch.arange(len(caches), device=device)
+        self.capacity = capacity
+
+    def layers(self):
+        return list(self._keys)
+
+    def tokens(self) -> int:
+        """The longest sequence's length."""
+        return max(self.host_lengths)
+
+    def advance(self) -> None:
+        """Every sequence grows by one token (device lengths and write rows; host copy)."""
+        if self.tokens() + 1 > self.capacity:
+            raise APBConfigError(
+                f"the batched KV cache holds {self.capacity} tokens per sequence; lower max_new_tokens"
+            )
+        self.host_lengths = [n + 1 for n in self.host_lengths]
+        self.lengths.add_(1)
+        self.slots.copy_(self.lengths).sub_(1)
+
+    def write(self, layer: int, k: Tensor, v: Tensor) -> None:
+        """Each sequence's new K/V [batch, 1, kv_heads, d] at its own row :attr:`slots`."""
+        self._keys[layer].index_put_((self._rows, self.slots), k[:, 0])
+        self._values[layer].index_put_((self._rows, self.slots), v[:, 0])
+
+    def buffers(self, layer: int) -> Tuple[Tensor, Tensor]:
+        return self._keys[layer], self._values[layer]
+
+    def get(self, layer: int) -> Tuple[Tensor, Tensor]:
+        raise RuntimeError("a batched cache is read through buffers() and lengths (static decoding only)")

@@ -33,6 +33,11 @@ from ..forward import ForwardContext
 
 Tensor = torch.Tensor
 
+NONFINITE_LOGITS = (
+    "the model produced NaN/inf logits; check the checkpoint and the dtype (bf16/fp16 overflow) "
+    "and that every rank loaded the same weights"
+)
+
 
 def graphs_possible(device: torch.device, *groups) -> bool:
     """Whether a decoding step on ``device`` with these process groups can be captured:
@@ -53,9 +58,14 @@ class DecodeStep:
     ``step(token, position)`` returns ``(logits, finite)``: float logits [vocab] and a
     device bool, whether they are all finite.  The buffers are reused: read the logits
     before the next step.
+
+    With a :class:`~megatron_apb.inference.cache.BatchedKVCache` of ``batch`` sequences,
+    ``step(tokens, positions)`` takes one token and position per sequence (sequences, or
+    device tensors) and returns logits [batch, vocab].
     """
 
-    def __init__(self, engine, cache, *, last_position: int, graph: Optional[bool] = None, groups=()):
+    def __init__(self, engine, cache, *, last_position: int, graph: Optional[bool] = None, groups=(),
+                 batch: int = 1):
         self.engine, self.cache = engine, cache
         device = engine.device
         if graph is None:
@@ -63,8 +73,9 @@ class DecodeStep:
         elif graph and device.type != "cuda":
             raise APBConfigError(f"CUDA graphs need a CUDA device; the model is on {device}")
         self.graph_enabled = graph
-        self.ids = torch.zeros(1, dtype=torch.long, device=device)
-        self.positions = torch.zeros(1, dtype=torch.long, device=device)
+        self.batch = batch
+        self.ids = torch.zeros(batch, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, dtype=torch.long, device=device)
         self.table = engine._rotary_table(last_position + 1)
         self.last_position = last_position
         self._graph = None
@@ -75,8 +86,10 @@ class DecodeStep:
         engine = self.engine
         context = ForwardContext.decode(self.positions, self.cache, config=engine.config, static=True)
         context.rotary_table = self.table
-        hidden = engine.adapter.run_layers(engine.adapter.embed(self.ids[None]), context)
-        logits = engine.adapter.logits(hidden[-1:])[: engine.vocab_size]
+        hidden = engine.adapter.run_layers(engine.adapter.embed(self.ids[:, None]), context)
+        logits = engine.adapter.logits(hidden[-1:])[:, : engine.vocab_size]  # [batch, vocab]
+        if self.batch == 1:
+            logits = logits[0]
         return logits, torch.isfinite(logits).all()
 
     def _capture(self) -> None:
@@ -93,16 +106,21 @@ class DecodeStep:
         self._graph, self._out = graph, out
 
     @torch.no_grad()
-    def step(self, token: int, position: int) -> Tuple[Tensor, Tensor]:
-        """Run the model on ``token`` at ``position``; the owner's cache grows by it."""
-        if position > self.last_position:
+    def step(self, token, position) -> Tuple[Tensor, Tensor]:
+        """Run the model on ``token`` at ``position`` (one per sequence for a batch); the
+        owner's cache grows by it."""
+        top = int(position) if isinstance(position, int) else max(int(p) for p in position)
+        if top > self.last_position:
             raise APBConfigError(
-                f"position {position} is beyond the {self.last_position} this decoding step was "
+                f"position {top} is beyond the {self.last_position} this decoding step was "
                 "prepared for; make a new DecodeStep with a larger last_position"
             )
-        self.cache.set_tokens(self.cache.tokens() + 1 if self.cache.owner else self.cache.tokens())
-        self.ids.fill_(token)
-        self.positions.fill_(position)
+        self.cache.advance()
+        for buf, value in ((self.ids, token), (self.positions, position)):
+            if isinstance(value, int):
+                buf.fill_(value)
+            else:
+                buf.copy_(torch.as_tensor(value, dtype=torch.long).reshape(-1), non_blocking=True)
         if not self.graph_enabled:
             return self._run()
         if self._graph is None:

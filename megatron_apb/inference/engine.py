@@ -23,14 +23,15 @@ import torch
 import torch.distributed as dist
 
 from ..adapter import ModelAdapter
-from ..comm import all_gather_async, collective_device, group_rank, group_size
+from ..comm import all_gather_async, broadcast, collective_device, group_rank, group_size
 from ..config import APBConfig, APBConfigError
 from ..errors import NonFiniteError
 from ..forward import ForwardContext
 from ..layout import shard_document
 from ..megatron.adapter import MegatronAdapter
+from .batch import generate_batch
 from .cache import CPKVCache
-from .decode import DecodeStep, graphs_possible
+from .decode import NONFINITE_LOGITS, DecodeStep, graphs_possible
 from .sampling import SamplingConfig, sample
 
 
@@ -50,12 +51,6 @@ class GenerationResult:
     @property
     def decode_tokens_per_s(self) -> float:
         return self.decode_tokens / self.decode_s if self.decode_s > 0 else float("nan")
-
-
-NONFINITE_LOGITS = (
-    "the model produced NaN/inf logits; check the checkpoint and the dtype (bf16/fp16 overflow) "
-    "and that every rank loaded the same weights"
-)
 
 
 def _sync(device):
@@ -130,7 +125,7 @@ class APBEngine:
 
     def _logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary float logits [vocab] of one hidden state [1, 1, hidden]."""
-        logits = self.adapter.logits(hidden_last)[: self.vocab_size]
+        logits = self.adapter.logits(hidden_last)[0, : self.vocab_size]
         if not torch.isfinite(logits).all():
             raise NonFiniteError(NONFINITE_LOGITS)
         return logits
@@ -187,7 +182,8 @@ class APBEngine:
             raise APBConfigError("the query is empty; give a question")
         tokens, layout = shard_document(doc, query, self.config, self.cp_size, pad_id=self.pad_id)
         valid = max(0, min(layout.block_len, doc.numel() - layout.block_start(self.cp_rank)))
-        cache = CPKVCache(valid_len=valid, owner=self.cp_rank == self.cp_size - 1, reserve=reserve)
+        cache = CPKVCache(valid_len=valid, owner=self.cp_rank == self.cp_size - 1, reserve=reserve,
+                          complete=self.cp_size == 1)
         table_len = layout.block_len * self.cp_size + layout.anchor_len + 1
         hooks = self._progress_hooks("prefill")
         try:
@@ -266,6 +262,19 @@ class APBEngine:
         if group_size(self.tp_group) == 1:
             return token
         return self._broadcast_token(token, self.tp_group, dist.get_global_rank(self.tp_group, 0))
+
+    def _tp_broadcast_tokens(self, tokens: List[int]) -> List[int]:
+        """TP rank 0's tokens on every rank of this rank's TP group."""
+        if group_size(self.tp_group) == 1:
+            return tokens
+        t = torch.tensor(tokens, dtype=torch.long, device=collective_device(self.tp_group, self.device))
+        return broadcast(t, dist.get_global_rank(self.tp_group, 0), self.tp_group).tolist()
+
+    def generate_batch(self, prompts, sampling: SamplingConfig) -> List[GenerationResult]:
+        """Answer several ``(document ids, query ids)`` prompts of any lengths, decoding them
+        together (:func:`megatron_apb.inference.batch.generate_batch`); one result per
+        prompt, equal on every rank, each the tokens :meth:`generate` gives it alone."""
+        return generate_batch(self, prompts, sampling)
 
     def _decode_on_last_rank(self, cache, layout, query, n_doc, sampling):
         """Phase 2 on the last CP rank alone (its TP group), on the gathered caches; the

@@ -52,7 +52,7 @@ class MegatronAdapter:
         logits, _ = model.output_layer(hidden, weight=weight)
         if getattr(model, "parallel_output", False) and group_size(self.tp_group) > 1:
             logits = gather_from_tensor_model_parallel_region(logits, group=self.tp_group)
-        return logits.reshape(-1)[: self.vocab_size].float()
+        return logits.reshape(-1, logits.shape[-1])[:, : self.vocab_size].float()
 
     def layers(self) -> List[torch.nn.Module]:
         return list(self.model.decoder.layers)

@@ -178,15 +178,19 @@ class APBCoreAttention(MegatronModule):
     def _decode(self, query, key, value, ctx, cfg, table):
         """Decoding: new tokens attend to every rank's cache, merged exactly by LSE."""
         seq = query.shape[0]
-        q, k, v = (t.transpose(0, 1) for t in (query, key, value))
         cache, lengths = ctx.kv_cache, None
         if ctx.static:  # no host value read: positions, write row and lengths live on the device
-            q, k = self._rotate(q, k, ctx, table, None, 1)
+            if seq != 1:
+                raise ValueError(f"a static decode forward takes one new token per sequence, got {seq}")
+            # [1, b] rows, one position per sequence: rotated as one sequence of b rows
+            q, k = (t.transpose(0, 1) for t in self._rotate(query, key, ctx, table, None, 1))
+            v = value.transpose(0, 1)
             if cache.owner:
                 cache.write(self.layer_number, k, v)
             k_cache, v_cache = cache.buffers(self.layer_number)
             lengths = cache.lengths
         else:
+            q, k, v = (t.transpose(0, 1) for t in (query, key, value))
             q, k = self._rotate(q, k, ctx, table, lambda: ctx.positions.cpu(), 1)
             if cache.owner:
                 cache.append(self.layer_number, k, v)

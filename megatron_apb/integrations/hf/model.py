@@ -191,7 +191,8 @@ class HFModelForAPB(nn.Module):
         return inner.norm(x).transpose(0, 1)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.hf_model.get_output_embeddings()(hidden).reshape(-1)[: self.vocab_size].float()
+        logits = self.hf_model.get_output_embeddings()(hidden)
+        return logits.reshape(-1, logits.shape[-1])[:, : self.vocab_size].float()
 
     def rotary_table(self, length: int) -> Optional[torch.Tensor]:
         return _rotary_table(self._inv_freq, self._position_scale, length, self.device)
