@@ -45,6 +45,7 @@ def _prompts(prompts) -> List[Tuple[torch.Tensor, torch.Tensor]]:
 
 def _pick_rows(engine, logits, finite, sampling: SamplingConfig, generator) -> List[int]:
     """One token per row of logits [batch, vocab]; greedy reads tokens and the NaN check at once."""
+    logits = logits.reshape(-1, logits.shape[-1])  # one sequence: [vocab]
     if sampling.temperature == 0:
         values = torch.cat([logits.argmax(-1), finite.long().reshape(1)]).tolist()
         tokens, ok = values[:-1], values[-1]
