@@ -15,6 +15,8 @@ import subprocess
 
 import pytest
 
+from megatron_apb.eval.records import read_generation
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 needs_hf = pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
@@ -45,7 +47,7 @@ def test_generate_cp4_cpu(tiny_env, tmp_path):
     out = tmp_path / "cp4.json"
     proc = _bash("generate_cp4.sh", "--cpu", "--output-json", str(out), env=tiny_env)
     _ok(proc)
-    result = json.loads(out.read_text())
+    result = read_generation(str(out))  # the CLI's record file (JSON Lines)
     assert (result["tp"], result["cp"]) == (1, 4)
     assert [r["mode"] for r in result["runs"]] == ["apb", "exact"]
     apb = result["runs"][0]
@@ -59,7 +61,7 @@ def tp2_cp2_run(tiny_env, tmp_path_factory):
     out = tmp_path_factory.mktemp("tp2cp2") / "gen.json"
     proc = _bash("generate_34b_tp2_cp2.sh", "--cpu", "--output-json", str(out), env=tiny_env)
     _ok(proc)
-    return proc, json.loads(out.read_text())
+    return proc, read_generation(str(out))
 
 
 @needs_hf
