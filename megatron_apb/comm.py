@@ -132,10 +132,10 @@ def _stalled(rank, op, what, site, group, timeout_s) -> str:
 class _Op:
     """A collective being waited for, described only if it fails."""
 
-    __slots__ = ("op", "shape", "dtype", "group", "start")
+    __slots__ = ("op", "shape", "dtype", "group", "start", "timeout")
 
-    def __init__(self, op, tensor, group):
-        self.op, self.group, self.start = op, group, time.monotonic()
+    def __init__(self, op, tensor, group, timeout=None):
+        self.op, self.group, self.start, self.timeout = op, group, time.monotonic(), timeout
         self.shape, self.dtype = (None, None) if tensor is None else (tuple(tensor.shape), tensor.dtype)
 
     def what(self) -> str:
@@ -144,9 +144,10 @@ class _Op:
         return f" of a {list(self.shape)} {str(self.dtype).replace('torch.', '')} tensor"
 
 
-def wait_for(work, op: str, group, tensor: Optional[Tensor] = None) -> None:
+def wait_for(work, op: str, group, tensor: Optional[Tensor] = None, timeout_s: Optional[float] = None) -> None:
     """Wait for ``work`` (an ``async_op=True`` collective ``op`` over ``group``; ``tensor``:
-    what it carried, for the message).
+    what it carried, for the message).  ``timeout_s``: this wait's own limit, for a wait
+    known to outlast one collective (see :func:`generation_wait_s`); default the process's.
 
     Raises :class:`CollectiveTimeout` past :func:`collective_timeout` and
     :class:`CollectiveError` when the backend fails the wait (a peer closed its
@@ -154,9 +155,9 @@ def wait_for(work, op: str, group, tensor: Optional[Tensor] = None) -> None:
     """
     if work is None:
         return
-    pending = _Op(op, tensor, group)
+    timeout = _timeout_s if timeout_s is None or _timeout_s is None else max(timeout_s, _timeout_s)
+    pending = _Op(op, tensor, group, timeout)
     on_gpu = tensor is not None and tensor.is_cuda
-    timeout = _timeout_s
     dog = _watchdog
     if dog is not None and not on_gpu:
         dog.arm(pending)
@@ -257,13 +258,46 @@ def _single(group) -> bool:
     return not dist.is_initialized() or dist.get_world_size(group) == 1
 
 
-def broadcast(x: Tensor, src: int, group) -> Tensor:
+class PeerWait:
+    """Ranks waiting for one rank's long work (e.g. its whole generation) without a
+    collective that outlasts the timeout: the working rank ``src`` calls :meth:`beat` as it
+    makes progress (a "still working" broadcast at most every half timeout) and
+    :meth:`done` at the end; the others call :meth:`wait`, which returns when ``src`` is
+    done.  A ``src`` that stops making progress still fails them after one timeout."""
+
+    def __init__(self, group, src: int, device):
+        self.group, self.src = group, src
+        self.device = collective_device(group, device) if not _single(group) else device
+        self.interval = None if _timeout_s is None else _timeout_s / 2
+        self._last = time.monotonic()
+
+    def _send(self, flag: int) -> int:
+        x = torch.full((1,), flag, dtype=torch.int32, device=self.device)
+        return int(broadcast(x, self.src, self.group).item())
+
+    def beat(self) -> None:
+        if _single(self.group) or self.interval is None or time.monotonic() - self._last < self.interval:
+            return
+        self._send(0)
+        self._last = time.monotonic()
+
+    def done(self) -> None:
+        if not _single(self.group):
+            self._send(1)
+
+    def wait(self) -> None:
+        if not _single(self.group):
+            while not self._send(0):
+                pass
+
+
+def broadcast(x: Tensor, src: int, group, *, timeout_s: Optional[float] = None) -> Tensor:
     """Global rank ``src``'s ``x`` on every rank of ``group`` (returned; ``x`` is filled
-    in place unless it was staged through host memory)."""
+    in place unless it was staged through host memory); ``timeout_s`` as :func:`wait_for`."""
     if _single(group):
         return x
     wire = x if collective_device(group, x.device) == x.device else x.cpu()
-    wait_for(dist.broadcast(wire, src=src, group=group, async_op=True), "broadcast", group, wire)
+    wait_for(dist.broadcast(wire, src=src, group=group, async_op=True), "broadcast", group, wire, timeout_s)
     return wire if wire is x else wire.to(x.device)
 
 
@@ -329,8 +363,9 @@ class Watchdog:
         now = time.monotonic() if now is None else now
         frame = sys._current_frames().get(self._main)
         armed = self._armed
-        if armed is not None and now - armed.start > self.timeout_s + grace_s(self.timeout_s):
-            return _stalled(_rank(), armed.op, armed.what(), _call_site(frame), armed.group, self.timeout_s)
+        limit = max(self.timeout_s, armed.timeout or 0.0) if armed is not None else self.timeout_s
+        if armed is not None and now - armed.start > limit + grace_s(limit):
+            return _stalled(_rank(), armed.op, armed.what(), _call_site(frame), armed.group, limit)
         while self._gpu and self._gpu[0][1].query():
             self._gpu.popleft()
         if self._gpu and now - self._gpu[0][0].start > self.timeout_s:

@@ -130,3 +130,32 @@ def decode_merge(rank, world, lengths, new):
         owner=rank == world - 1, group=dist.group.WORLD,
     )
     return (got - want).abs().max().item()
+
+
+def peer_wait(rank, world, beats):
+    """Rank 1 works 3 s (calling ``beat`` every 0.1 s when ``beats``) under a 1 s collective
+    timeout while rank 0 waits: with beats the wait ends when rank 1 is done; without, rank 0
+    gets ``CollectiveTimeout``.  Returns (what happened on this rank, broadcasts seen)."""
+    import time
+
+    import torch.distributed as dist
+
+    from megatron_apb import comm
+    from megatron_apb.errors import CollectiveTimeout
+
+    comm.set_collective_timeout(1.0)
+    waiter = comm.PeerWait(dist.group.WORLD, 1, torch.device("cpu"))
+    if rank == 1:
+        end = time.monotonic() + 3.0
+        while time.monotonic() < end:
+            time.sleep(0.1)
+            if beats:
+                waiter.beat()
+        waiter.done()  # late without beats: rank 0 gave up, its broadcast still pending takes it
+        return "worked", None
+    try:
+        start = time.monotonic()
+        waiter.wait()
+        return "waited", time.monotonic() - start
+    except CollectiveTimeout as exc:
+        return str(exc), None

@@ -1,7 +1,10 @@
 """Run a function on N CPU processes joined by gloo, collecting each rank's return value.
 
-Workers are spawned (not forked), set one thread each, and are killed if the whole run
-exceeds ``timeout`` seconds, so a broken collective fails the test instead of hanging it.
+Workers start from a fork server that has imported torch and Megatron-Core once (a fresh
+process per worker, as with spawn, without paying the imports each time), take the
+parent's environment as it is at the call, set one thread each, and are killed if the
+whole run exceeds ``timeout`` seconds, so a broken collective fails the test instead of
+hanging it.
 """
 
 from __future__ import annotations
@@ -11,6 +14,19 @@ import socket
 import traceback
 
 import torch.multiprocessing as mp
+
+#: modules the fork server imports once (those that fail to import are skipped)
+PRELOAD = ["torch", "torch.distributed", "megatron.core", "megatron.core.models.gpt", "megatron_apb",
+           "tests.distributed"]
+_context = None
+
+
+def _mp_context():
+    global _context
+    if _context is None:
+        _context = mp.get_context("forkserver")
+        _context.set_forkserver_preload(PRELOAD)
+    return _context
 
 
 def error_message(fn):
@@ -29,10 +45,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, queue, backend):
+def _worker(rank, world_size, port, fn, args, queue, backend, env):
     import torch
     import torch.distributed as dist
 
+    os.environ.clear()
+    os.environ.update(env)  # the parent's, at the call (the fork server's is older)
     torch.set_num_threads(1)
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     try:
@@ -69,11 +87,11 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300.0, backend:
     on GPU r.  Raises with the worker's traceback
     if any rank fails, and ``TimeoutError`` if the run does not finish in ``timeout`` s.
     """
-    ctx = mp.get_context("spawn")
+    ctx = _mp_context()
     queue = ctx.SimpleQueue()
     port = _free_port()
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, backend), daemon=True)
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, backend, dict(os.environ)), daemon=True)
         for r in range(world_size)
     ]
     for p in procs:

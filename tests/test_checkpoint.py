@@ -374,3 +374,31 @@ def test_smollm2_gguf_matches_transformers(tmp_path):
     assert result["max_abs_error"] <= 1e-5 * max(1.0, result["max_abs_logit"]), result
     assert result["argmax_agree"]
     assert result["round_trip"] and result["tokenizer_round_trip"]
+
+
+def test_default_checkpoint_is_converted_once_and_falls_back(tmp_path, monkeypatch):
+    """The embedded model is converted once into the cache (later calls only read it); an
+    unwritable cache falls back to the GGUF with the reason."""
+    from megatron_apb.checkpoints import io
+
+    try:
+        gguf = default_model_path()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    calls = []
+
+    def fake_save(target, spec, state, tokenizer=None, report=None):
+        calls.append(target)
+        os.makedirs(target)
+        with open(os.path.join(target, io.MARKER_FILE), "w") as f:
+            f.write("{}")
+
+    monkeypatch.setattr(io, "load_hf_checkpoint", lambda path: (None, {}, None))
+    monkeypatch.setattr(io, "save_converted", fake_save)
+    monkeypatch.setenv(io.CACHE_ENV, str(tmp_path / "cache"))
+    first = io.default_checkpoint()
+    assert first.startswith(str(tmp_path / "cache")) and io.default_checkpoint() == first and calls == [first]
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv(io.CACHE_ENV, str(tmp_path / "file" / "cache"))  # below a file: cannot be made
+    said = []
+    assert io.default_checkpoint(report=said.append) == gguf and "MEGATRON_APB_CACHE" in said[0]

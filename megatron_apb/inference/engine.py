@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..adapter import ModelAdapter
-from ..comm import all_gather_async, broadcast, collective_device, group_rank, group_size
+from ..comm import PeerWait, all_gather_async, broadcast, collective_device, group_rank, group_size
 from ..config import APBConfig, APBConfigError
 from ..errors import NonFiniteError
 from ..forward import ForwardContext
@@ -234,7 +234,7 @@ class APBEngine:
         hidden = self._forward(ids, context, start_position + ids.numel() + 1)
         return self._logits(hidden[-1:])
 
-    def _phase2(self, cache, query, n_doc, sampling, broadcast):
+    def _phase2(self, cache, query, n_doc, sampling, broadcast, progress=None):
         """The query's step, then one step per generated token: (tokens, seconds to the
         first token, decode seconds).  ``broadcast`` makes one rank's sampled token everyone's."""
         gen = torch.Generator().manual_seed(sampling.seed)
@@ -254,6 +254,8 @@ class APBEngine:
             token = broadcast(self._pick(logits, finite, sampling, gen))
             out.append(token)
             position += 1
+            if progress is not None:
+                progress()
         _sync(self.device)
         return out, first_s, time.perf_counter() - decode_start
 
@@ -283,15 +285,18 @@ class APBEngine:
         start = time.perf_counter()
         full = self.gather_cache(cache, layout, n_doc, keep=self.cp_rank == last)
         payload = torch.zeros(sampling.max_new_tokens + 3, dtype=torch.float64)
+        # the others wait for the whole generation: longer than one collective may last
+        waiter = PeerWait(self.cp_group, dist.get_global_rank(self.cp_group, last), self.device)
         if self.cp_rank == last:
             gather_s = time.perf_counter() - start
-            out, first_s, decode_s = self._phase2(full, query, n_doc, sampling, self._tp_broadcast_token)
+            out, first_s, decode_s = self._phase2(full, query, n_doc, sampling, self._tp_broadcast_token,
+                                                  progress=waiter.beat)
             payload[:3] = torch.tensor([len(out), gather_s + first_s, decode_s], dtype=torch.float64)
             payload[3 : 3 + len(out)] = torch.tensor(out, dtype=torch.float64)  # exact below 2**53
         del full
+        (waiter.done if self.cp_rank == last else waiter.wait)()
         payload = payload.to(collective_device(self.cp_group, self.device))
-        dist.broadcast(payload, src=dist.get_global_rank(self.cp_group, last), group=self.cp_group)
-        payload = payload.cpu()
+        payload = broadcast(payload, dist.get_global_rank(self.cp_group, last), self.cp_group).cpu()
         n = int(payload[0])
         return [int(t) for t in payload[3 : 3 + n].tolist()], float(payload[1]), float(payload[2])
 

@@ -160,9 +160,9 @@ def load_tokenizer(path: Optional[str]):
     """The tokenizer of checkpoint ``path`` (None: the embedded SmolLM2) without its
     weights, so that a command checks its prompts before the model loads."""
     # local: the checkpoints package imports Megatron-Core, and this module builds every parser
-    from ..checkpoints import default_model_path, load_tokenizer as read_tokenizer
+    from ..checkpoints import default_checkpoint, load_tokenizer as read_tokenizer
 
-    tokenizer = read_tokenizer(path or default_model_path())
+    tokenizer = read_tokenizer(path or default_checkpoint())
     if tokenizer is None:
         raise CheckpointError(f"{path}: no tokenizer found next to the weights")
     return tokenizer
@@ -259,9 +259,9 @@ def load_model(path: Optional[str], apb_config: APBConfig, rt: Runtime, *, heads
     Returns (model, spec, tokenizer, apb_config).
     """
     # local: the checkpoints package imports Megatron-Core, and this module builds every parser
-    from ..checkpoints import build_model, default_model_path, load_hf_checkpoint, load_into_model
+    from ..checkpoints import build_model, default_checkpoint, load_hf_checkpoint, load_into_model
 
-    path = path or default_model_path()
+    path = path or default_checkpoint()
     spec, state, tokenizer = load_hf_checkpoint(path)
     if heads is not None:
         state.update(
