@@ -19,19 +19,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tools.bench_attention import bench  # noqa: E402
 
 
 def time_ms(fn, iters=50):
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
+    """Mean milliseconds of ``fn`` on the GPU (CUDA events, after warm-up)."""
+    return 1e3 * bench(fn, iters)
 
 
 def copy_bandwidth_gbs(nbytes=1 << 29):
