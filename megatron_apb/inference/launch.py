@@ -162,10 +162,16 @@ def load_tokenizer(path: Optional[str]):
     # local: the checkpoints package imports Megatron-Core, and this module builds every parser
     from ..checkpoints import default_checkpoint, load_tokenizer as read_tokenizer
 
-    tokenizer = read_tokenizer(path or default_checkpoint())
+    tokenizer = read_tokenizer(path or default_checkpoint(report=_say_once))
     if tokenizer is None:
         raise CheckpointError(f"{path}: no tokenizer found next to the weights")
     return tokenizer
+
+
+def _say_once(message: str) -> None:
+    """Progress of one-off work (the default model's conversion) from the first process only."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, flush=True)
 
 
 def quiet_warnings():
@@ -261,7 +267,7 @@ def load_model(path: Optional[str], apb_config: APBConfig, rt: Runtime, *, heads
     # local: the checkpoints package imports Megatron-Core, and this module builds every parser
     from ..checkpoints import build_model, default_checkpoint, load_hf_checkpoint, load_into_model
 
-    path = path or default_checkpoint()
+    path = path or default_checkpoint(report=_say_once)
     spec, state, tokenizer = load_hf_checkpoint(path)
     if heads is not None:
         state.update(

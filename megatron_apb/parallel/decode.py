@@ -48,6 +48,11 @@ def decode_attention(
     split-KV kernel (its float32 reference where Triton is missing)."""
     check_attention_inputs(q, k_cache, v_cache, where="decode_attention")  # metadata only
     rows = q.shape[1] * (q.shape[2] // k_cache.shape[2])
+    if lengths is not None and lengths.device.type == "cpu" and lengths.numel() == 1:
+        # one sequence, lengths in host memory: reading them costs nothing, and the valid
+        # rows then take the attention kernels of any other step
+        n = int(lengths[0])
+        k_cache, v_cache, lengths = k_cache[:, :n], v_cache[:, :n], None
     if lengths is not None:
         out, lse = split_kv_attention(q, k_cache, v_cache, lengths=lengths, causal=owner,
                                       softmax_scale=softmax_scale)
