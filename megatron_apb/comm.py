@@ -91,10 +91,9 @@ def collective_timeout() -> Optional[float]:
     return _timeout_s
 
 
-def wait_for(work, op: str, group, tensor: Optional[Tensor] = None, timeout_s: Optional[float] = None) -> None:
+def wait_for(work, op: str, group, tensor: Optional[Tensor] = None) -> None:
     """Wait for ``work`` (an ``async_op=True`` collective ``op`` over ``group``; ``tensor``:
-    what it carried, for the message).  ``timeout_s``: this wait's own limit, for a wait
-    known to outlast one collective; default the process's (the longer of the two applies).
+    what it carried, for the message).
 
     Raises :class:`CollectiveTimeout` past :func:`collective_timeout` and
     :class:`CollectiveError` when the backend fails the wait (a peer closed its
@@ -102,8 +101,8 @@ def wait_for(work, op: str, group, tensor: Optional[Tensor] = None, timeout_s: O
     """
     if work is None:
         return
-    timeout = _timeout_s if timeout_s is None or _timeout_s is None else max(timeout_s, _timeout_s)
-    pending = PendingOp(op, tensor, group, timeout)
+    timeout = _timeout_s
+    pending = PendingOp(op, tensor, group)
     on_gpu = tensor is not None and tensor.is_cuda
     dog = current_watchdog()
     if dog is not None and not on_gpu:
@@ -238,13 +237,13 @@ class PeerWait:
                 pass
 
 
-def broadcast(x: Tensor, src: int, group, *, timeout_s: Optional[float] = None) -> Tensor:
+def broadcast(x: Tensor, src: int, group) -> Tensor:
     """Global rank ``src``'s ``x`` on every rank of ``group`` (returned; ``x`` is filled
-    in place unless it was staged through host memory); ``timeout_s`` as :func:`wait_for`."""
+    in place unless it was staged through host memory)."""
     if _single(group):
         return x
     wire = x if collective_device(group, x.device) == x.device else x.cpu()
-    wait_for(dist.broadcast(wire, src=src, group=group, async_op=True), "broadcast", group, wire, timeout_s)
+    wait_for(dist.broadcast(wire, src=src, group=group, async_op=True), "broadcast", group, wire)
     return wire if wire is x else wire.to(x.device)
 
 

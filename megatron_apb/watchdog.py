@@ -77,10 +77,10 @@ def stalled_message(rank, op, what, site, group, timeout_s) -> str:
 class PendingOp:
     """A collective being waited for, described only if it fails."""
 
-    __slots__ = ("op", "shape", "dtype", "group", "start", "timeout")
+    __slots__ = ("op", "shape", "dtype", "group", "start")
 
-    def __init__(self, op, tensor, group, timeout=None):
-        self.op, self.group, self.start, self.timeout = op, group, time.monotonic(), timeout
+    def __init__(self, op, tensor, group):
+        self.op, self.group, self.start = op, group, time.monotonic()
         self.shape, self.dtype = (None, None) if tensor is None else (tuple(tensor.shape), tensor.dtype)
 
     def what(self) -> str:
@@ -138,9 +138,9 @@ class Watchdog:
         now = time.monotonic() if now is None else now
         frame = sys._current_frames().get(self._main)
         armed = self._armed
-        limit = max(self.timeout_s, armed.timeout or 0.0) if armed is not None else self.timeout_s
-        if armed is not None and now - armed.start > limit + grace_s(limit):
-            return stalled_message(process_rank(), armed.op, armed.what(), call_site(frame), armed.group, limit)
+        if armed is not None and now - armed.start > self.timeout_s + grace_s(self.timeout_s):
+            return stalled_message(process_rank(), armed.op, armed.what(), call_site(frame), armed.group,
+                                   self.timeout_s)
         while self._gpu and self._gpu[0][1].query():
             self._gpu.popleft()
         if self._gpu and now - self._gpu[0][0].start > self.timeout_s:

@@ -71,22 +71,29 @@ def _generate_ranks(tiny, world=2):
 
 
 # ------------------------------------------------------------------ ranks that stop or die
-def test_stop_rank_during_generate_times_out_naming_rank_and_operation(tiny):
-    """(a) SIGSTOP rank 1 in the prefill: rank 0 stops within --timeout (+ slack), naming
-    itself, the collective and the group, instead of hanging."""
+def _signal_rank_1_in_prefill(tiny, sig):
+    """Start a 2-rank ``generate``, send ``sig`` to rank 1 once rank 0 is in the prefill;
+    returns (rank 0's exit status, its stderr, seconds from the signal to its exit)."""
     procs = _generate_ranks(tiny)
     try:
         wait_for_line(procs[0], "prefill: layer 1/", HARD)
-        procs[1].send_signal(signal.SIGSTOP)
-        stopped = time.monotonic()
+        procs[1].send_signal(sig)
+        sent = time.monotonic()
         try:
             _, err = procs[0].communicate(timeout=TIMEOUT + SLACK)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"rank 0 still waits {TIMEOUT + SLACK} s after rank 1 stopped (--timeout {TIMEOUT})")
-        waited = time.monotonic() - stopped
+            pytest.fail(f"rank 0 still runs {TIMEOUT + SLACK} s after rank 1 got {sig!r} (--timeout {TIMEOUT})")
+        waited = time.monotonic() - sent
     finally:
         kill_all(procs)
-    assert procs[0].returncode == 2, err[-3000:]
+    return procs[0].returncode, err, waited
+
+
+def test_stop_rank_during_generate_times_out_naming_rank_and_operation(tiny):
+    """(a) SIGSTOP rank 1 in the prefill: rank 0 stops within --timeout (+ slack), naming
+    itself, the collective and the group, instead of hanging."""
+    returncode, err, waited = _signal_rank_1_in_prefill(tiny, signal.SIGSTOP)
+    assert returncode == 2, err[-3000:]
     assert re.search(rf"rank 0: (all_gather|barrier|broadcast|all_reduce|all_to_all)\b.* did not finish in {TIMEOUT} s", err), err[-3000:]
     assert re.search(r"group", err) and re.search(r"stopped or dead", err), err[-3000:]
     assert waited >= TIMEOUT - 1, f"gave up after {waited:.1f} s, before --timeout {TIMEOUT}"
@@ -95,19 +102,8 @@ def test_stop_rank_during_generate_times_out_naming_rank_and_operation(tiny):
 def test_kill_rank_during_generate_fails_fast_with_a_clear_error(tiny):
     """(b) SIGKILL rank 1 in the prefill: rank 0 fails at once (well within --timeout),
     saying that a peer died."""
-    procs = _generate_ranks(tiny)
-    try:
-        wait_for_line(procs[0], "prefill: layer 1/", HARD)
-        procs[1].send_signal(signal.SIGKILL)
-        killed = time.monotonic()
-        try:
-            _, err = procs[0].communicate(timeout=TIMEOUT + SLACK)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"rank 0 still runs {TIMEOUT + SLACK} s after rank 1 was killed")
-        waited = time.monotonic() - killed
-    finally:
-        kill_all(procs)
-    assert procs[0].returncode != 0
+    returncode, err, waited = _signal_rank_1_in_prefill(tiny, signal.SIGKILL)
+    assert returncode != 0
     assert re.search(r"(?i)rank 0.*(peer|connection)", err), err[-3000:]
     assert waited < TIMEOUT, f"rank 0 took {waited:.1f} s to notice a dead peer (the timeout, not the death)"
 
