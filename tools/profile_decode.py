@@ -68,6 +68,47 @@ def profile_steps(engine, doc, query, steps, path="graph"):
     return prof, walls
 
 
+# aten ops that only re-describe memory (no kernel)
+_VIEWS = frozenset("view as_strided transpose unsqueeze squeeze slice t _unsafe_view select expand reshape "
+                   "detach alias split chunk narrow permute unbind split_with_sizes view_as empty "
+                   "empty_like empty_strided".split())
+
+
+def ops_by_source(engine, cache, position, frames=2):
+    """One eager static step (:class:`DecodeStep` without the graph) with every aten op
+    that may launch a kernel counted by the source lines that issued it (the innermost
+    ``frames`` frames in this project or Megatron-Core): where a step's small kernels come
+    from.  Returns [[count, op, "file:line:function < ..."], ...], most frequent first."""
+    import collections
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from megatron_apb.inference.decode import DecodeStep
+
+    counts = collections.Counter()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name not in _VIEWS:
+                stack = [f for f in traceback.extract_stack()[:-1]
+                         if ("megatron" in f.filename) and "_python_dispatch" not in f.filename]
+                where = " < ".join(f"{f.filename.split('site-packages/')[-1].split('megatron_apb/')[-1]}:"
+                                   f"{f.lineno}:{f.name}" for f in reversed(stack[-frames:]))
+                counts[(name, where)] += 1
+            return func(*args, **(kwargs or {}))
+
+    runner = DecodeStep(engine, cache, last_position=position + 2, graph=False)
+    runner.step(1, position)  # warm-up (compilation) outside the record
+    try:
+        with torch.no_grad(), Record():
+            runner.step(1, position + 1)
+    except Exception as exc:  # e.g. a compiled kernel that refuses to run under the mode
+        return [[0, "error", f"{type(exc).__name__}: {exc}"[:300]]]
+    return [[n, op, where] for (op, where), n in counts.most_common()]
+
+
 def breakdown(prof, steps, walls):
     ms = {c: 0.0 for c, _ in CATEGORIES}
     ms["other"] = 0.0
@@ -106,6 +147,8 @@ def main():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--path", choices=["step", "eager", "graph"], nargs="+", default=["graph"],
                    help="decoding path(s) to profile (see profile_steps)")
+    p.add_argument("--by-source", action="store_true",
+                   help="also count one eager step's aten ops by the source lines that issue them")
     p.add_argument("--out")
     args = p.parse_args()
     rt = init_runtime(1, "bf16")
@@ -120,6 +163,11 @@ def main():
             prof, walls = profile_steps(engine, doc, query, args.steps, path)
             row = dict(length=n, path=path, **breakdown(prof, args.steps, walls))
             print(json.dumps({k: v for k, v in row.items() if k != "top_kernels"}), flush=True)
+            if args.by_source:
+                cache, _, n_doc, _ = engine.prefill(doc[:1024], query, reserve=query.numel() + 8)
+                row["ops_by_source"] = ops_by_source(engine, cache, n_doc + query.numel())
+                print("\n".join(f"{c:4d} {op:24s} {where}" for c, op, where in row["ops_by_source"]), flush=True)
+                del cache
             rows.append(row)
             del prof
             torch.cuda.empty_cache()
