@@ -215,30 +215,51 @@ def vertical_slash_index(q: Tensor, k: Tensor, p: VerticalSlash, heads: Tensor, 
             2, diag.flatten().expand(b, idx.numel(), -1), flat)
     nv = min(p.vertical_topk, sk)
     cols = vert.topk(nv, dim=-1).indices
-    ns = min(p.slash_topk, offset + sq)
-    s_top = slash[..., : offset + sq].topk(ns, dim=-1).indices
-    dd = _static_offsets(offset, block, s_top)
+    dd = _top_diagonals(slash, offset, block, -(-p.slash_topk // block))
     bi, bc = _diag_blocks(dd, sq, sk, block)
     ci, cc = _columns(cols, torch.ones_like(cols, dtype=torch.bool), sq, sk, block)
     return SparseIndex(bi, bc, ci, cc, _diag_cover(dd, sk, block), block, sq, sk)
 
 
+def diagonal_scores(slash: Tensor, offset: int, block: int) -> Tensor:
+    """Per diagonal block offset ``dd`` (index ``dd + 1``), the summed scores of the slashes
+    it covers: slash ``s`` of [b, n, k_len] lies in offsets ceil((s - r) / block) and
+    -floor((r + block - 1 - s) / block), ``r = offset % block``."""
+    b, n, sk = slash.shape
+    nkb = -(-sk // block)
+    s = torch.arange(sk, device=slash.device)
+    d1, d2 = _static_offsets(offset, block, s)[: 2 * sk].view(2, sk)
+    out = torch.zeros(b, n, nkb + 3, device=slash.device, dtype=torch.float32)
+    out.scatter_add_(2, (d1 + 1).clamp(0, nkb + 2).expand(b, n, -1), slash)
+    out.scatter_add_(2, (d2 + 1).clamp(0, nkb + 2).expand(b, n, -1), slash * (d2 != d1))
+    return out
+
+
+def _top_diagonals(slash: Tensor, offset: int, block: int, count: int) -> Tensor:
+    """The ``count`` diagonal block offsets of highest :func:`diagonal_scores`, plus the
+    diagonal blocks 0 and -1, as [b, n, count + 2] (``_BIG`` where padding)."""
+    scores = diagonal_scores(slash, offset, block)
+    top = scores.topk(min(count, scores.shape[-1]), dim=-1).indices - 1
+    own = torch.tensor([0, -1], device=slash.device).expand(*top.shape[:2], 2)
+    t, _ = _pack(torch.cat([top, own], -1) + 1, torch.ones_like(torch.cat([top, own], -1), dtype=torch.bool))
+    return torch.where(t >= 0, t.long() - 1, torch.full_like(t, _BIG, dtype=torch.long))
+
+
 def _pool(x: Tensor, block: int) -> Tensor:
     """Mean over ``block``-row blocks of x [b, s, heads, d] -> float32 [b, heads, nblocks, d]
-    (the last partial block averages its own rows)."""
+    (the last partial block averages its own rows; accumulated in fp32 without a copy)."""
     b, s, h, d = x.shape
-    nb = -(-s // block)
-    pad = nb * block - s
-    xf = torch.nn.functional.pad(x.float(), (0, 0, 0, 0, 0, pad)) if pad else x.float()
-    sums = xf.reshape(b, nb, block, h, d).sum(2)
-    counts = torch.full((nb,), float(block), device=x.device)
-    counts[-1] = s - (nb - 1) * block
-    return (sums / counts[None, :, None, None]).transpose(1, 2)
+    full = s // block
+    parts = [x[:, : full * block].reshape(b, full, block, h, d).sum(2, dtype=torch.float32) / block]
+    if s > full * block:
+        parts.append(x[:, full * block:].sum(1, keepdim=True, dtype=torch.float32) / (s - full * block))
+    return torch.cat(parts, 1).transpose(1, 2)
 
 
 def block_sparse_index(q: Tensor, k: Tensor, p: BlockSparse, heads: Tensor) -> SparseIndex:
-    """Top-``topk`` key blocks per query block from mean-pooled Q.K, with the first block
-    and the diagonal block(s) always among them."""
+    """Top-``topk`` key blocks per query block from mean-pooled Q.K.  Taken first, in this
+    order: the key block of the query block's first position (so no row is empty), the
+    first key block, the other diagonal block (queries not aligned to key blocks)."""
     b, sq, h, _ = q.shape
     sk, hk = k.shape[1], k.shape[2]
     group, block = h // hk, p.block
@@ -246,17 +267,22 @@ def block_sparse_index(q: Tensor, k: Tensor, p: BlockSparse, heads: Tensor) -> S
     first, last = _positions(sq, sk, block, q.device)
     kb = torch.arange(nkb, device=q.device)
     visible = kb[None, :] * block <= last[:, None]  # [nqb, nkb]
-    diagonal = (kb[None, :] >= first.div(block, rounding_mode="floor")[:, None]) & visible
-    pq = _pool(q[:, :, heads], block)  # [b, n, nqb, d]
+    own_block = first.div(block, rounding_mode="floor")[:, None]
+    diagonal = (kb[None, :] > own_block) & visible
+    own = kb[None, :] == own_block
+    big = torch.finfo(torch.float32).max
+    pq = _pool(q, block)[:, heads]  # [b, n, nqb, d]
     pk = _pool(k, block)  # [b, hk, nkb, d]
     top = min(p.topk, nkb)
     out = torch.empty(b, heads.numel(), nqb, top, dtype=torch.long, device=q.device)
     ok = torch.empty(b, heads.numel(), nqb, top, dtype=torch.bool, device=q.device)
     for j, idx in _kv_chunks(heads, group, nqb, nkb):
         s = torch.matmul(pq[:, idx], pk[:, j, None].transpose(-1, -2))  # [b, c, nqb, nkb]
-        # the diagonal block(s) first, then the first block, then the best scores
-        s[..., 0] = torch.finfo(torch.float32).max
-        s = s.masked_fill_(diagonal, float("inf")).masked_fill_(~visible, float("-inf"))
+        # the block of each query block's first position (every row sees it) first, then
+        # the first block, then the rest of the diagonal, then the best scores
+        s = s.masked_fill_(diagonal, big / 2)
+        s[..., 0] = big
+        s = s.masked_fill_(own, float("inf")).masked_fill_(~visible, float("-inf"))
         vals, ind = s.topk(top, dim=-1)
         out[:, idx], ok[:, idx] = ind, vals > float("-inf")
     bi, bc = _pack(out, ok)

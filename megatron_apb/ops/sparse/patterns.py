@@ -83,9 +83,13 @@ class AShape(_Pattern):
 
 @dataclass(frozen=True)
 class VerticalSlash(_Pattern):
-    """``vertical_topk`` columns + ``slash_topk`` diagonals from the last ``last_q``
-    queries' attention (slashes covered by the ``block``-key blocks they cross, verticals
-    gathered column by column)."""
+    """Key columns and diagonals from the last ``last_q`` queries' attention.
+
+    ``vertical_topk`` columns of highest attention mass are gathered column by column.
+    Slashes (key = query - s) are covered by whole diagonal blocks: ``slash_topk`` keys per
+    row buy ``ceil(slash_topk / block)`` diagonal block offsets, those whose slashes carry
+    the most attention mass, besides the diagonal block itself, so the cost per row is
+    bounded by the budget however scattered the top slashes are."""
 
     vertical_topk: int = 1024
     slash_topk: int = 2048
