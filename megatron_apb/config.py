@@ -112,7 +112,7 @@ class APBConfig:
         choices=SPARSE_PATTERNS)
     sparse_budget: int = _option(4096, "keys each query row reads, about (sparse_pattern)")
     sparse_dense_below: int = _option(32768, "attention calls with fewer keys stay dense")
-    sparse_config: Optional[str] = _option(None, "per-layer, per-head sparse pattern file (JSON)")
+    sparse_config: Optional[str] = _option(None, "per-layer, per-head sparse pattern file (JSON path)")
 
     def __post_init__(self):
         ALGORITHMS.get(self.mode)
@@ -137,14 +137,9 @@ class APBConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise APBConfigError(f"{name} must lie in [0, 1], got {value!r}", field=name)
         _one_of("sparse_pattern", self.sparse_pattern, SPARSE_PATTERNS)
-        if self.sparse_budget < 1:
-            raise APBConfigError(f"sparse_budget must be >= 1 key per query row, got {self.sparse_budget}",
-                                 field="sparse_budget")
-        if self.sparse_dense_below < 0:
-            raise APBConfigError(f"sparse_dense_below must be >= 0, got {self.sparse_dense_below}",
-                                 field="sparse_dense_below")
-        if self.sparse_config is not None and not isinstance(self.sparse_config, str):
-            raise APBConfigError(f"sparse_config must be a path, got {self.sparse_config!r}", field="sparse_config")
+        for name, low in (("sparse_budget", 1), ("sparse_dense_below", 0)):
+            if getattr(self, name) < low:
+                raise APBConfigError(f"{name} must be >= {low}, got {getattr(self, name)}", field=name)
         SPARSE_METHODS.get(self.sparse).check(self)
         if self.query_prefix_len < 0:
             raise APBConfigError(f"query_prefix_len must be >= 0, got {self.query_prefix_len}", field="query_prefix_len")

@@ -64,6 +64,8 @@ def main():
     p.add_argument("--a-shape", nargs="*", default=[], help="SINK:WINDOW")
     p.add_argument("--last-q", type=int, default=64)
     p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--num-warps", type=int, nargs="+", default=[4], help="kernel launch settings swept")
+    p.add_argument("--num-stages", type=int, nargs="+", default=[2], help="kernel launch settings swept")
     p.add_argument("--no-torch-sdpa", action="store_true", help="skip the expanded-K/V SDPA yardstick")
     p.add_argument("--out")
     a = p.parse_args()
@@ -96,12 +98,17 @@ def main():
             index = build_index(q, k, (pat,) * h, scale)
             dens = density(index)
             index_s = bench(lambda: build_index(q, k, (pat,) * h, scale), a.iters)
-            kernel_s = bench(lambda: sparse_attention(q, k, v, index, scale), a.iters)
+            sweep = {}
+            for w, st in ((x, y) for x in a.num_warps for y in a.num_stages):
+                sweep[f"w{w}s{st}"] = bench(lambda: sparse_attention(q, k, v, index, scale, num_warps=w,
+                                                                     num_stages=st), a.iters)
+            best = min(sweep, key=sweep.get)
+            kernel_s = sweep[best]
             row = dict(length=n, kind=pat.kind, pattern=pat.to_dict(), density=dens, index_s=index_s,
                        kernel_s=kernel_s, attention_s=index_s + kernel_s,
                        kernel_speedup=dense_s / kernel_s, speedup=dense_s / (index_s + kernel_s),
                        ideal_speedup=1 / dens if dens else None,
-                       index_fraction=index_s / (index_s + kernel_s))
+                       index_fraction=index_s / (index_s + kernel_s), launch=best, launch_sweep_s=sweep)
             print(json.dumps(row), flush=True)
             rows.append(row)
             del index

@@ -26,6 +26,7 @@ import torch
 
 from ...errors import APBConfigError
 from ...registry import SPARSE_METHODS
+from ..attention import attention_with_lse
 from .index import build_index, density
 from .kernel import sparse_attention
 from .patterns import KINDS, Pattern, SparsePlan, budget_pattern, load_plan, patterns_per_head
@@ -59,8 +60,6 @@ class SparseAttention:
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool,
                  softmax_scale: Optional[float] = None, backend: Optional[str] = None):
-        from ..attention import attention_with_lse  # attention.py hands its calls to us
-
         sq, sk = q.shape[1], k.shape[1]
         scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
         if not causal or sk < self.dense_below or sq > sk or sq == 0 or q.shape[0] == 0:

@@ -204,15 +204,12 @@ def vertical_slash_index(q: Tensor, k: Tensor, p: VerticalSlash, heads: Tensor, 
     pos = torch.arange(sq - last, sq, device=q.device) + offset  # [last]
     keys = torch.arange(sk, device=q.device)
     visible = keys[None, :] <= pos[:, None]
-    diag = (pos[:, None] - keys[None, :]).clamp_(min=0)  # slash of each (row, key)
     for j, idx in _kv_chunks(heads, group, last, sk):
-        qq = q[:, sq - last:, heads[idx]].transpose(1, 2).float()  # [b, c, last, d]
-        s = torch.matmul(qq, k[:, :, j].float().transpose(1, 2)[:, None]) * softmax_scale
+        qq = q[:, sq - last:, heads[idx]].transpose(1, 2)  # [b, c, last, d]
+        s = torch.matmul(qq, k[:, :, j].transpose(1, 2)[:, None]).float().mul_(softmax_scale)
         probs = torch.softmax(s.masked_fill_(~visible, float("-inf")), dim=-1)
         vert[:, idx] = probs.sum(2)
-        flat = probs.flatten(2)
-        slash[:, idx] = torch.zeros_like(vert[:, idx]).scatter_add_(
-            2, diag.flatten().expand(b, idx.numel(), -1), flat)
+        slash[:, idx] = _slash_sums(probs)
     nv = min(p.vertical_topk, sk)
     cols = vert.topk(nv, dim=-1).indices
     dd = _top_diagonals(slash, offset, block, -(-p.slash_topk // block))
@@ -221,14 +218,31 @@ def vertical_slash_index(q: Tensor, k: Tensor, p: VerticalSlash, heads: Tensor, 
     return SparseIndex(bi, bc, ci, cc, _diag_cover(dd, sk, block), block, sq, sk)
 
 
+def _slash_sums(probs: Tensor) -> Tensor:
+    """Sums along slashes of the last rows' probabilities [b, c, last, k_len], whose row r
+    sits at position ``k_len - last + r``: out[..., s] = sum_r probs[r, k_len - last + r - s].
+
+    Row r is written ``last - r`` columns right of a buffer row one longer than the keys, so
+    that a view with row stride ``width + 1`` lines each slash up in one column (no atomics).
+    """
+    b, c, last, sk = probs.shape
+    width = sk + last + 1
+    buf = probs.new_zeros(b, c, last, width)
+    buf[..., last: last + sk] = probs
+    st = buf.stride()
+    diag = buf.as_strided((b, c, last, sk + 1), (st[0], st[1], width + 1, 1))
+    # column c' holds key c' + r - last of row r: slash (k_len - last + r) - key = k_len - c'
+    return diag.sum(2).flip(-1)[..., :sk]
+
+
 def diagonal_scores(slash: Tensor, offset: int, block: int) -> Tensor:
     """Per diagonal block offset ``dd`` (index ``dd + 1``), the summed scores of the slashes
     it covers: slash ``s`` of [b, n, k_len] lies in offsets ceil((s - r) / block) and
     -floor((r + block - 1 - s) / block), ``r = offset % block``."""
     b, n, sk = slash.shape
     nkb = -(-sk // block)
-    s = torch.arange(sk, device=slash.device)
-    d1, d2 = _static_offsets(offset, block, s)[: 2 * sk].view(2, sk)
+    t = torch.arange(sk, device=slash.device)
+    d1, d2 = _static_offsets(offset, block, t)[: 2 * sk].view(2, sk)
     out = torch.zeros(b, n, nkb + 3, device=slash.device, dtype=torch.float32)
     out.scatter_add_(2, (d1 + 1).clamp(0, nkb + 2).expand(b, n, -1), slash)
     out.scatter_add_(2, (d2 + 1).clamp(0, nkb + 2).expand(b, n, -1), slash * (d2 != d1))
@@ -267,10 +281,11 @@ def block_sparse_index(q: Tensor, k: Tensor, p: BlockSparse, heads: Tensor) -> S
     first, last = _positions(sq, sk, block, q.device)
     kb = torch.arange(nkb, device=q.device)
     visible = kb[None, :] * block <= last[:, None]  # [nqb, nkb]
-    own_block = first.div(block, rounding_mode="floor")[:, None]
-    diagonal = (kb[None, :] > own_block) & visible
-    own = kb[None, :] == own_block
     big = torch.finfo(torch.float32).max
+    own = first.div(block, rounding_mode="floor")[:, None]  # [nqb, 1]
+    nxt = (own + 1).clamp(max=nkb - 1)  # queries not aligned to key blocks reach into it
+    nxt_val = torch.where(nxt * block <= last[:, None], big / 2, float("-inf"))
+    nxt_val = torch.where(nxt == own, float("inf"), nxt_val)
     pq = _pool(q, block)[:, heads]  # [b, n, nqb, d]
     pk = _pool(k, block)  # [b, hk, nkb, d]
     top = min(p.topk, nkb)
@@ -279,10 +294,11 @@ def block_sparse_index(q: Tensor, k: Tensor, p: BlockSparse, heads: Tensor) -> S
     for j, idx in _kv_chunks(heads, group, nqb, nkb):
         s = torch.matmul(pq[:, idx], pk[:, j, None].transpose(-1, -2))  # [b, c, nqb, nkb]
         # the block of each query block's first position (every row sees it) first, then
-        # the first block, then the rest of the diagonal, then the best scores
-        s = s.masked_fill_(diagonal, big / 2)
+        # the first block, then the next diagonal block, then the best scores
+        s.masked_fill_(~visible, float("-inf"))
+        s.scatter_(-1, nxt.expand(*s.shape[:2], -1, -1), nxt_val.expand(*s.shape[:2], -1, -1))
         s[..., 0] = big
-        s = s.masked_fill_(own, float("inf")).masked_fill_(~visible, float("-inf"))
+        s.scatter_(-1, own.expand(*s.shape[:2], -1, -1), float("inf"))
         vals, ind = s.topk(top, dim=-1)
         out[:, idx], ok[:, idx] = ind, vals > float("-inf")
     bi, bc = _pack(out, ok)

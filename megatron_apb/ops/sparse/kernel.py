@@ -52,9 +52,11 @@ def kernel_available(q: Tensor) -> bool:
 
 def sparse_attention(
     q: Tensor, k: Tensor, v: Tensor, index: SparseIndex, softmax_scale: Optional[float] = None,
+    *, num_warps: int = 4, num_stages: int = 2,
 ) -> Tuple[Tensor, Tensor]:
     """Attention of q [b, sq, h, d] over k, v [b, sk, kv_heads, d] under ``index``; returns
-    ``(out [b, sq, h, d], lse float32 [b, h, sq])``.  Runs the reference without the kernel."""
+    ``(out [b, sq, h, d], lse float32 [b, h, sq])``.  Runs the reference without the kernel.
+    ``num_warps``/``num_stages``: the launch settings (benchmarks sweep them)."""
     b, sq, h, d = q.shape
     sk = k.shape[1]
     if (index.q_len, index.k_len) != (sq, sk) or index.block_cnt.shape[:2] != (b, h):
@@ -79,7 +81,7 @@ def sparse_attention(
         *bi.stride(), *bc.stride(), *ci.stride(), *cc.stride(), *cover.stride(),
         h, sq, sk, sk - sq, cover.shape[-1], scale * _LOG2E,
         GROUP=h // k.shape[2], BLOCK=block, D=d, HAS_COLS=ci.shape[-1] > 0,
-        IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2,
+        IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse
 

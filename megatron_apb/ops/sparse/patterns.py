@@ -229,6 +229,8 @@ _PLANS: Dict[Tuple[str, float], SparsePlan] = {}
 
 def load_plan(path: str) -> SparsePlan:
     """Read and validate a pattern file (cached per path and modification time)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise APBConfigError(f"sparse_config must be a path to a JSON file, got {path!r}", field="sparse_config")
     try:
         key = (os.path.abspath(path), os.path.getmtime(path))
     except OSError as e:
