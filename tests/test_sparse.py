@@ -245,3 +245,30 @@ def test_bad_settings_name_the_field(tmp_path):
     _error(lambda: plan_from_dict(data), "top_k")
     (tmp_path / "bad.json").write_text(json.dumps({"format": "other"}))
     _error(lambda: APBConfig(sparse="minference", sparse_config=str(tmp_path / "bad.json")), "sparse_config")
+
+
+def test_pattern_search_scores_and_choice():
+    """Recall = attention mass inside each candidate's mask (by a plain loop here), density =
+    its share of the causal keys; full-budget candidates keep everything; the choice takes
+    the best recall within the density budget, else the cheapest."""
+    from megatron_apb.ops.sparse.search import choose_patterns, score_patterns
+
+    q, k, _ = _inputs(70, 70, seed=6)
+    scale = 1 / math.sqrt(16)
+    cands = [PATTERNS["block"], PATTERNS["vslash"], AShape(block=B, sink=2, window=30), _full(PATTERNS["block"], 70)]
+    recall, dens = score_patterns(q, k, cands, scale)
+    assert torch.allclose(recall[3], torch.ones(4)) and torch.allclose(dens[3], torch.ones(4))
+    causal = causal_mask(70, 70)
+    for c, p in enumerate(cands[:3]):
+        mask = index_mask(build_index(q, k, (p,) * 4, scale))[0]
+        for h in range(4):
+            probs = torch.softmax((q[0, :, h] @ k[0, :, h // 2].T * scale).masked_fill(~causal, float("-inf")), -1)
+            assert abs(float(recall[c, h]) - float((probs * mask[h]).sum(-1).mean())) < 1e-5
+            assert abs(float(dens[c, h]) - float(mask[h].sum() / causal.sum())) < 1e-6
+    chosen, rows = choose_patterns(cands, recall, dens, max_density=float(dens[:3].max()))
+    for h, p in enumerate(chosen):
+        c = cands.index(p)
+        assert c != 3 and all(recall[c, h] >= recall[j, h] for j in range(3)), (h, c)
+        assert rows[h]["kind"] == p.kind
+    cheapest, _ = choose_patterns(cands, recall, dens, max_density=1e-6)
+    assert all(float(dens[cands.index(p), h]) == float(dens[:, h].min()) for h, p in enumerate(cheapest))
