@@ -86,7 +86,8 @@ class APBConfig:
         sparse_budget: about how many keys each query row reads with that pattern.
         sparse_dense_below: attention calls with fewer keys than this stay dense.
         sparse_config: a per-layer, per-head pattern file (JSON, written by
-            ``megatron-apb sparse-search``); overrides ``sparse_pattern``/``sparse_budget``.
+            ``megatron-apb sparse-search``; ``"embedded"``: the shipped one of the embedded
+            model); overrides ``sparse_pattern``/``sparse_budget``.
     """
 
     mode: str = _option(
@@ -112,7 +113,7 @@ class APBConfig:
         choices=SPARSE_PATTERNS)
     sparse_budget: int = _option(4096, "keys each query row reads, about (sparse_pattern)")
     sparse_dense_below: int = _option(32768, "attention calls with fewer keys stay dense")
-    sparse_config: Optional[str] = _option(None, "per-layer, per-head sparse pattern file (JSON path)")
+    sparse_config: Optional[str] = _option(None, "per-layer, per-head sparse pattern file (JSON path, or 'embedded')")
 
     def __post_init__(self):
         ALGORITHMS.get(self.mode)

@@ -243,6 +243,9 @@ def test_bad_settings_name_the_field(tmp_path):
     _error(lambda: plan_from_dict(data), "kind")
     data["layers"]["2"] = [{"kind": "block_sparse", "top_k": 3}] * 4
     _error(lambda: plan_from_dict(data), "top_k")
+    shipped = APBConfig(sparse="minference", sparse_config="embedded")  # the embedded model's plan
+    assert len(shipped.local_backend(1, 9, 30).patterns) == 9
+    _error(lambda: shipped.local_backend(1, 32, 32), "sparse_config")  # an 8B-shaped model
     (tmp_path / "bad.json").write_text(json.dumps({"format": "other"}))
     _error(lambda: APBConfig(sparse="minference", sparse_config=str(tmp_path / "bad.json")), "sparse_config")
 

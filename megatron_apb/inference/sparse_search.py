@@ -45,6 +45,9 @@ class _Recorder:
             cands = default_candidates(self.args.budgets, block=self.args.block)
             recall, density = score_patterns(q[:1], k[:1], cands, softmax_scale)
             self.results[self.layer] = choose_patterns(cands, recall, density, self.args.max_density)
+            kinds = [p.kind for p in self.results[self.layer][0]]
+            print(f"layer {self.layer}: " + ", ".join(f"{kinds.count(k)} {k}" for k in sorted(set(kinds))),
+                  flush=True)
         return attention_with_lse(q, k, v, causal=causal, softmax_scale=softmax_scale, backend=self.dense_backend)
 
 

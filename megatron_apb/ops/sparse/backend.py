@@ -18,6 +18,7 @@ the ``backend`` argument of the attention calls.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
@@ -108,9 +109,14 @@ def _check_none(config):
                              "sparse_config", field="sparse_config")
 
 
+#: ``sparse_config="embedded"``: the shipped plan of the embedded model (SmolLM2-135M-Instruct),
+#: from ``megatron-apb sparse-search --length 2048 --budgets 128 256 512 --output ...`` on CPU
+EMBEDDED_PLAN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plans", "smollm2-135m-instruct.json")
+
+
 def _plan(config) -> SparsePlan:
     if config.sparse_config is not None:
-        return load_plan(config.sparse_config)
+        return load_plan(EMBEDDED_PLAN if config.sparse_config == "embedded" else config.sparse_config)
     return SparsePlan(default=budget_pattern(config.sparse_pattern, config.sparse_budget,
                                              dense_below=config.sparse_dense_below))
 

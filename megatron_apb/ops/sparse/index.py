@@ -59,12 +59,14 @@ def _positions(q_len, k_len, block, device):
     return first, last
 
 
-def _pack(blocks: Tensor, valid: Tensor):
-    """Sort the valid entries of ``blocks`` [..., w] ascending (duplicates dropped)."""
+def _pack(blocks: Tensor, valid: Tensor, *, unique: bool = False):
+    """Sort the valid entries of ``blocks`` [..., w] ascending, duplicates dropped (``unique``:
+    the caller knows there are none)."""
     x = torch.where(valid, blocks, torch.full_like(blocks, _BIG)).sort(-1).values
-    dup = torch.zeros_like(x, dtype=torch.bool)
-    dup[..., 1:] = x[..., 1:] == x[..., :-1]
-    x = torch.where(dup, torch.full_like(x, _BIG), x).sort(-1).values
+    if not unique:
+        dup = torch.zeros_like(x, dtype=torch.bool)
+        dup[..., 1:] = x[..., 1:] == x[..., :-1]
+        x = torch.where(dup, torch.full_like(x, _BIG), x).sort(-1).values
     cnt = (x < _BIG).sum(-1)
     width = max(1, int(cnt.max()) if cnt.numel() else 1)
     x = x[..., :width]
@@ -301,7 +303,7 @@ def block_sparse_index(q: Tensor, k: Tensor, p: BlockSparse, heads: Tensor) -> S
         s.scatter_(-1, own.expand(*s.shape[:2], -1, -1), float("inf"))
         vals, ind = s.topk(top, dim=-1)
         out[:, idx], ok[:, idx] = ind, vals > float("-inf")
-    bi, bc = _pack(out, ok)
+    bi, bc = _pack(out, ok, unique=True)  # top-k indices are distinct
     ci, cc, cover = _no_columns(b, heads.numel(), sq, sk, block, q.device)
     return SparseIndex(bi, bc, ci, cc, cover, block, sq, sk)
 

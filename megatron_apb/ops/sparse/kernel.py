@@ -121,7 +121,7 @@ if HAVE_TRITON:
         GROUP: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, HAS_COLS: tl.constexpr,
         IEEE: tl.constexpr,
     ):
-        m = tl.program_id(0)
+        m = tl.num_programs(0) - 1 - tl.program_id(0)  # the busiest (last) query blocks first
         bh = tl.program_id(1)
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
