@@ -205,11 +205,11 @@ def vertical_slash_index(q: Tensor, k: Tensor, p: VerticalSlash, heads: Tensor, 
     slash = torch.zeros(b, n, sk, device=q.device, dtype=torch.float32)
     pos = torch.arange(sq - last, sq, device=q.device) + offset  # [last]
     keys = torch.arange(sk, device=q.device)
-    visible = keys[None, :] <= pos[:, None]
+    hidden = keys[None, :] > pos[:, None]  # future keys of the last rows
     for j, idx in _kv_chunks(heads, group, last, sk):
         qq = q[:, sq - last:, heads[idx]].transpose(1, 2)  # [b, c, last, d]
         s = torch.matmul(qq, k[:, :, j].transpose(1, 2)[:, None]).float().mul_(softmax_scale)
-        probs = torch.softmax(s.masked_fill_(~visible, float("-inf")), dim=-1)
+        probs = torch.softmax(s.masked_fill_(hidden, float("-inf")), dim=-1)
         vert[:, idx] = probs.sum(2)
         slash[:, idx] = _slash_sums(probs)
     nv = min(p.vertical_topk, sk)
@@ -283,6 +283,7 @@ def block_sparse_index(q: Tensor, k: Tensor, p: BlockSparse, heads: Tensor) -> S
     first, last = _positions(sq, sk, block, q.device)
     kb = torch.arange(nkb, device=q.device)
     visible = kb[None, :] * block <= last[:, None]  # [nqb, nkb]
+    hidden = ~visible
     big = torch.finfo(torch.float32).max
     own = first.div(block, rounding_mode="floor")[:, None]  # [nqb, 1]
     nxt = (own + 1).clamp(max=nkb - 1)  # queries not aligned to key blocks reach into it
@@ -297,7 +298,7 @@ def block_sparse_index(q: Tensor, k: Tensor, p: BlockSparse, heads: Tensor) -> S
         s = torch.matmul(pq[:, idx], pk[:, j, None].transpose(-1, -2))  # [b, c, nqb, nkb]
         # the block of each query block's first position (every row sees it) first, then
         # the first block, then the next diagonal block, then the best scores
-        s.masked_fill_(~visible, float("-inf"))
+        s.masked_fill_(hidden, float("-inf"))
         s.scatter_(-1, nxt.expand(*s.shape[:2], -1, -1), nxt_val.expand(*s.shape[:2], -1, -1))
         s[..., 0] = big
         s.scatter_(-1, own.expand(*s.shape[:2], -1, -1), float("inf"))
