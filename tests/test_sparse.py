@@ -275,3 +275,13 @@ def test_pattern_search_scores_and_choice():
         assert rows[h]["kind"] == p.kind
     cheapest, _ = choose_patterns(cands, recall, dens, max_density=1e-6)
     assert all(float(dens[cands.index(p), h]) == float(dens[:, h].min()) for h, p in enumerate(cheapest))
+
+
+def test_sparse_search_flags_are_checked_before_loading(tmp_path, capsys):
+    from megatron_apb.cli import main
+
+    out = str(tmp_path / "plan.json")
+    for flags, word in ((["--max-density", "0"], "--max-density"), (["--budgets", "0"], "--budgets"),
+                        (["--block", "48"], "block"), (["--tp", "2"], "--tp")):
+        assert main(["sparse-search", "--output", out, *flags]) == 2
+        assert word in capsys.readouterr().err
