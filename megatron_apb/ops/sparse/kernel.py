@@ -3,7 +3,7 @@
     out, lse = sparse_attention(q, k, v, index, softmax_scale=None)
 
 One program per (query block, batch x query head).  It walks the key blocks of its query
-block (``index.block_idx``), then the extra key columns (``index.col_idx``, gathered 64 at
+block (``index.block_idx``), then the extra key columns (``index.col_idx``, gathered one block at
 a time, skipping those already inside one of its blocks), with an online softmax in float32;
 every key is also masked causally (bottom-right, as in
 :func:`megatron_apb.ops.attention.attention_with_lse`) and past the end of the keys, so the
