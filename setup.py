@@ -14,6 +14,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_apb", "megatron_apb.*"]),
+    package_data={"megatron_apb.ops.sparse": ["plans/*.json"]},
     install_requires=[
         "torch>=2.5",
         "megatron-core>=0.16.1,<0.20",

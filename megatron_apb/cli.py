@@ -41,6 +41,7 @@ from .inference.launch import (
     read_text_file,
 )
 from .inference.sampling import SamplingConfig
+from .inference.sparse_search import add_sparse_search_parser
 from .layout import plan_layout
 from .registry import ALGORITHMS
 from .training.commands import add_training_parsers
@@ -265,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     add_eval_parsers(sub)
     add_training_parsers(sub)
+    add_sparse_search_parser(sub)
     return parser
 
 

@@ -22,10 +22,12 @@ from typing import Optional
 import torch
 
 from .errors import APBConfigError
-from .registry import ALGORITHMS, COMPRESSORS
+from .registry import ALGORITHMS, COMPRESSORS, SPARSE_METHODS
 
 #: attention kernels of :func:`megatron_apb.ops.attention.attention_with_lse`
 BACKENDS = ("auto", "sdpa", "cudnn", "flash", "efficient", "flex", "math", "reference")
+#: patterns of :mod:`megatron_apb.ops.sparse` (``APBConfig.sparse_pattern``)
+SPARSE_PATTERNS = ("block_sparse", "vertical_slash", "a_shape")
 #: the dtype names every command accepts
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -75,6 +77,17 @@ class APBConfig:
             (:func:`megatron_apb.ops.fused.fused_rope`) instead of PyTorch's chain of five
             kernels (on by default; the same math runs eagerly on CPU); non-interleaved,
             whole-head rotary only (otherwise the chain runs).
+        sparse: local sparse attention for the causal attention calls (one GPU's prefill,
+            and the anchor and own block of every APB/Star rank): ``"none"`` or
+            ``"minference"`` (dynamic sparse attention, :mod:`megatron_apb.ops.sparse`;
+            approximate).  Decoding stays dense.
+        sparse_pattern: the pattern of every head when no ``sparse_config`` is given:
+            ``block_sparse``, ``vertical_slash`` or ``a_shape``.
+        sparse_budget: about how many keys each query row reads with that pattern.
+        sparse_dense_below: attention calls with fewer keys than this stay dense.
+        sparse_config: a per-layer, per-head pattern file (JSON, written by
+            ``megatron-apb sparse-search``; ``"embedded"``: the shipped one of the embedded
+            model); overrides ``sparse_pattern``/``sparse_budget``.
     """
 
     mode: str = _option(
@@ -93,6 +106,14 @@ class APBConfig:
     backend: str = _option("auto", "attention kernel", choices=BACKENDS)
     seed: int = _option(0, "seed of the random compressor and of fresh retaining heads")
     fused_rope: bool = _option(True, "rotary embedding as one kernel on CUDA")
+    sparse: str = _option("none", "local sparse attention of the prefill: none or minference",
+                          choices=SPARSE_METHODS)
+    sparse_pattern: str = _option(
+        "block_sparse", "sparse pattern without a pattern file: block_sparse, vertical_slash or a_shape",
+        choices=SPARSE_PATTERNS)
+    sparse_budget: int = _option(4096, "keys each query row reads, about (sparse_pattern)")
+    sparse_dense_below: int = _option(32768, "attention calls with fewer keys stay dense")
+    sparse_config: Optional[str] = _option(None, "per-layer, per-head sparse pattern file (JSON path, or 'embedded')")
 
     def __post_init__(self):
         ALGORITHMS.get(self.mode)
@@ -101,7 +122,8 @@ class APBConfig:
         for name in ("query_in_anchor", "fused_rope"):
             if not isinstance(getattr(self, name), bool):
                 raise APBConfigError(f"{name} must be True or False, got {getattr(self, name)!r}", field=name)
-        for name in ("query_prefix_len", "smoothing_kernel", "retaining_head_hidden", "seed"):
+        for name in ("query_prefix_len", "smoothing_kernel", "retaining_head_hidden", "seed",
+                     "sparse_budget", "sparse_dense_below"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise APBConfigError(f"{name} must be an int, got {value!r}", field=name)
@@ -115,6 +137,11 @@ class APBConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise APBConfigError(f"{name} must lie in [0, 1], got {value!r}", field=name)
+        _one_of("sparse_pattern", self.sparse_pattern, SPARSE_PATTERNS)
+        for name, low in (("sparse_budget", 1), ("sparse_dense_below", 0)):
+            if getattr(self, name) < low:
+                raise APBConfigError(f"{name} must be >= {low}, got {getattr(self, name)}", field=name)
+        SPARSE_METHODS.get(self.sparse).check(self)
         if self.query_prefix_len < 0:
             raise APBConfigError(f"query_prefix_len must be >= 0, got {self.query_prefix_len}", field="query_prefix_len")
         if self.smoothing_kernel < 1 or self.smoothing_kernel % 2 == 0:
@@ -145,6 +172,12 @@ class APBConfig:
     def algorithm(self):
         """The registered distributed algorithm of ``mode`` (its traits and attention)."""
         return ALGORITHMS.get(self.mode)
+
+    def local_backend(self, layer_number: int, heads: int, num_layers: Optional[int] = None):
+        """The ``backend`` argument of layer ``layer_number``'s prefill attention calls
+        (``heads`` query heads on this rank): ``backend`` itself, or with ``sparse`` the
+        sparse method's callable (see :mod:`megatron_apb.ops.sparse.backend`)."""
+        return SPARSE_METHODS.get(self.sparse).backend(self, layer_number, heads, num_layers)
 
     @property
     def compressor_entry(self):

@@ -100,3 +100,5 @@ ALGORITHMS: Registry = Registry("distributed algorithm", ["megatron_apb.parallel
 COMPRESSORS: Registry = Registry("compressor", ["megatron_apb.compress"], field="compressor")
 #: checkpoint model families by HF ``model_type``: :class:`megatron_apb.checkpoints.ModelFamily`
 MODEL_FAMILIES: Registry = Registry("model family", ["megatron_apb.checkpoints.families"], field="model_type")
+#: local sparse attention methods (``APBConfig.sparse``): :class:`megatron_apb.ops.sparse.backend.SparseMethod`
+SPARSE_METHODS: Registry = Registry("sparse attention method", ["megatron_apb.ops.sparse.backend"], field="sparse")

@@ -92,6 +92,38 @@ def apb_algorithm(rank, world, anchor, block, passing):
         q, k, v, anchor_len=la,
         passing_k=torch.cat(pk, 1) if pk else None, passing_v=torch.cat(pv, 1) if pv else None,
     )
+    return (got - want).abs().max().item(), _sparse_apb(rank, world)
+
+
+def _sparse_apb(rank, world):
+    """The ``minference`` backend as the local attention of APB ranks (no passing block:
+    Star Attention): anchor and own block sparse, merged with the dense anchor part by LSE,
+    against a reference assembled from the sparse and dense references."""
+    from megatron_apb.config import CPLayout
+    from megatron_apb.ops.merge import merge_attention
+    from megatron_apb.ops.reference import reference_attention
+    from megatron_apb.ops.sparse import (BlockSparse, SparseAttention, VerticalSlash, build_index,
+                                         sparse_reference_attention)
+    from megatron_apb.parallel import apb_context_attention
+
+    block, anchor, h, kvh, d = 45, 20, 4, 2, 8
+    layout = CPLayout(mode="star", block_len=block, anchor_len=anchor, passing_len=0)
+    patterns = (BlockSparse(block=16, topk=1), VerticalSlash(block=16, vertical_topk=3, slash_topk=16, last_q=8)) * 2
+    qa, ka, va = _inputs(100, 1, anchor, h, kvh, d)
+    la = layout.anchor_len_on(rank)
+    q, k, v = (torch.cat([a[:, :la], x], 1) for a, x in zip((qa, ka, va), _inputs(200 + rank, 1, block, h, kvh, d)))
+    got = apb_context_attention(q, k, v, layout=layout, group=dist.group.WORLD,
+                                backend=SparseAttention(patterns, dense_below=0))
+
+    def sparse(q, k, v):
+        return sparse_reference_attention(q, k, v, build_index(q, k, patterns, d ** -0.5))
+
+    own = sparse(q[:, la:], k[:, la:], v[:, la:])
+    if la == 0:
+        return (got - own[0]).abs().max().item()
+    ctx = reference_attention(q[:, la:], k[:, :la], v[:, :la])
+    want = torch.cat([sparse(q[:, :la], k[:, :la], v[:, :la])[0],
+                      merge_attention([own[0], ctx[0]], [own[1], ctx[1]])[0]], 1)
     return (got - want).abs().max().item()
 
 

@@ -6,6 +6,7 @@ reference model (TP = CP = 1, on its own singleton process groups), and reports 
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -175,6 +176,30 @@ def check_references(rank, world):
             errors[mode] = (model(doc[None], None, None)[0] - want).abs().max().item()
     weights = {k: v for k, v in native.state_dict().items() if isinstance(v, torch.Tensor)}
     errors["simulation"] = (full_attention_logits(weights, _shape(native), doc) - want).abs().max().item()
+    errors.update(_sparse_model_errors(pg))
+    return errors
+
+
+def _sparse_model_errors(pg):
+    """``sparse='minference'`` in the model (one process, every call sparse): a budget that
+    covers every key gives the dense logits; one block per query block changes them (the
+    sparse path runs), reported as ``sparse_small_budget``."""
+    import tempfile
+
+    from megatron_apb import APBConfig
+    from megatron_apb.ops.sparse import BlockSparse, SparsePlan
+
+    doc, _ = _prompt(70, 0, seed=2)
+    with torch.no_grad():
+        dense = _model(APBConfig(mode="exact"), 1, 1, pg)(doc[None], None, None)[0]
+    errors = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, topk in (("sparse_full_budget", 100), ("sparse_small_budget", 1)):
+            path = os.path.join(tmp, name + ".json")
+            SparsePlan(default=BlockSparse(block=16, topk=topk)).save(path)
+            config = APBConfig(mode="exact", sparse="minference", sparse_config=path, sparse_dense_below=0)
+            with torch.no_grad():
+                errors[name] = (_model(config, 1, 1, pg)(doc[None], None, None)[0] - dense).abs().max().item()
     return errors
 
 

@@ -153,6 +153,10 @@ def test_methods_per_rank_count():
     methods = eval_methods(base, ["exact", "star", "apb"], ["query_attention", "random"], 4)
     assert [m.name for m in methods] == ["exact", "star", "apb-query_attention", "apb-random"]
     assert methods[1].config.anchor_len is None and methods[2].config.anchor_len == 64
+    sparse = base.replace(sparse="minference")  # sparse local attention: the names say so
+    assert [m.name for m in eval_methods(sparse, ["exact"], [], 1)] == ["minference"]
+    assert [m.name for m in eval_methods(sparse, ["star", "apb"], ["random"], 2)] == ["star+minference",
+                                                                                    "apb-random+minference"]
     with pytest.raises(ValueError, match="unknown compressor"):
         eval_methods(base, ["apb"], ["snapkv"], 2)
     with pytest.raises(ValueError, match="unknown mode"):

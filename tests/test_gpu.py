@@ -241,3 +241,35 @@ def test_batch_generation_on_one_gpu_equals_one_by_one():
     kwargs = dict(mode="apb", anchor_len=4, passing_len=3, query_prefix_len=0)
     ((together, alone, errors),) = run_distributed(batch_vs_one_by_one, 1, 1, 1, 6, kwargs, "cuda")
     assert together == alone and len(errors) == 4
+
+
+def test_sparse_kernel_two_x_rule():
+    """The sparse prefill kernel (:mod:`megatron_apb.ops.sparse`) in bf16 against its float32
+    masked reference: the CPU test's small mixed-pattern cases, then GQA 32/8, d 128, 64-key
+    blocks, a length not a multiple of the block and a query offset, each pattern; and with
+    a budget covering every key, dense attention (float64 reference)."""
+    from megatron_apb.ops.sparse import (AShape, BlockSparse, VerticalSlash, build_index, index_mask,
+                                         sparse_attention, sparse_reference_attention)
+    from tests.test_sparse import _plain, kernel_checks
+
+    kernel_checks("cuda", (torch.bfloat16,))
+    g = torch.Generator(device="cuda").manual_seed(5)
+    sq, sk, h, kvh, d = 3000, 3333, 32, 8, 128
+    q = torch.randn(1, sq, h, d, device="cuda", generator=g).bfloat16()
+    k = torch.randn(1, sk, kvh, d, device="cuda", generator=g).bfloat16()
+    v = torch.randn(1, sk, kvh, d, device="cuda", generator=g).bfloat16()
+    scale = 1 / math.sqrt(d)
+    for p in (BlockSparse(topk=8), VerticalSlash(vertical_topk=200, slash_topk=300), AShape(sink=64, window=500),
+              BlockSparse(topk=1000)):
+        index = build_index(q, k, (p,) * h, scale)
+        out, lse = sparse_attention(q, k, v, index, scale)
+        ref, ref_lse = sparse_reference_attention(q.float(), k.float(), v.float(), index, scale)
+        mask = index_mask(index)
+        err = (out.float() - ref).abs().max().item()
+        base = (_plain(q, k, v, mask, scale).float() - ref).abs().max().item()
+        assert err <= 2 * base + 1e-6, (p, err, base)
+        assert (lse - ref_lse).abs().max().item() < 1e-2, p
+    dense = reference_attention(q.double(), k.double(), v.double(), causal_mask(sq, sk, device="cuda"), scale)
+    err = (out.double() - dense[0]).abs().max().item()
+    base = (_plain_bf16(q, k, v, causal_mask(sq, sk, device="cuda"), scale).double() - dense[0]).abs().max().item()
+    assert err <= 2 * base, (err, base)

@@ -5,11 +5,14 @@ the prefill (embedding + layers, no logits: what the generation engine runs), an
 tokens/s, peak memory, a kernel-time breakdown (attention / matmul / communication /
 scoring / other, from the CUDA profiler) and, for APB, the communication time that is not
 hidden (prefill with communication minus prefill with the gathers replaced by local copies).
-Mode ``torch_cp`` is PyTorch's own context parallelism (``tools/torch_cp_peer.py``).
+Mode ``torch_cp`` is PyTorch's own context parallelism (``tools/torch_cp_peer.py``); mode
+``minference`` is one GPU's prefill with dynamic sparse attention (``--sparse-*``), reporting
+the density used and an estimate of the index-estimation time inside the prefill.
 
     torchrun --nproc-per-node 4 tools/bench_prefill.py --lengths 32768 131072 \
         --modes exact ulysses star apb torch_cp --out results/prefill_cp4.json
     python tools/bench_prefill.py --lengths 32768 131072 --modes exact --hf --out results/prefill_1gpu.json
+    python tools/bench_prefill.py --lengths 131072 524288 --modes exact minference --out results/prefill_sparse.json
 """
 
 from __future__ import annotations
@@ -122,6 +125,34 @@ def decode_latency(engine, doc, query, steps):
     return 1e3 * statistics.median(times[2:] or times)
 
 
+def sparse_settings(args):
+    """APBConfig fields of mode ``minference`` (dynamic sparse prefill on one GPU)."""
+    return dict(sparse="minference", sparse_pattern=args.sparse_pattern, sparse_budget=args.sparse_budget,
+                sparse_dense_below=args.sparse_dense_below)
+
+
+def sparse_index_stats(cfg, model, n):
+    """Density and index-estimation time of one layer's sparse attention at ``n`` tokens,
+    measured on random q/k of the model's shape (times the layer count: the estimate of the
+    prefill's index time, already inside its prefill_s)."""
+    from megatron_apb.ops.sparse import build_index, density
+
+    c = model.config
+    heads, kvh, d = c.num_attention_heads, c.num_query_groups, c.kv_channels
+    q = torch.randn(1, n, heads, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, n, kvh, d, device="cuda", dtype=torch.bfloat16)
+    backend = cfg.local_backend(1, heads, c.num_layers)
+    patterns = backend.patterns if isinstance(backend.patterns, tuple) else (backend.patterns,) * heads
+    index = build_index(q, k, patterns, d ** -0.5)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    build_index(q, k, patterns, d ** -0.5)
+    torch.cuda.synchronize()
+    index_s = (time.perf_counter() - t0) * c.num_layers
+    return dict(sparse_pattern=cfg.sparse_pattern, sparse_budget=cfg.sparse_budget, density=density(index),
+                index_s_estimate=index_s, sparse_dense_below=cfg.sparse_dense_below)
+
+
 def run_ours(args, rt):
     from megatron_apb import APBConfig
     from megatron_apb.inference import APBEngine
@@ -133,9 +164,10 @@ def run_ours(args, rt):
         doc = torch.randint(0, 100000, (n,), generator=torch.Generator().manual_seed(n))
         query = torch.randint(0, 100000, (args.query_len,), generator=torch.Generator().manual_seed(1))
         for mode in args.modes:
-            cfg = APBConfig(mode=mode, compressor=args.compressor, backend=args.backend,
+            sparse = sparse_settings(args) if mode == "minference" else {}
+            cfg = APBConfig(mode="exact" if sparse else mode, compressor=args.compressor, backend=args.backend,
                             anchor_ratio=args.anchor_ratio, passing_ratio=args.passing_ratio,
-                            query_prefix_len=16, fused_rope=args.fused)
+                            query_prefix_len=16, fused_rope=args.fused, **sparse)
             engine = APBEngine(model, cfg, cp_group=rt.pg.cp, tp_group=rt.pg.tp, vocab_size=128000)
             torch.cuda.reset_peak_memory_stats()
             try:
@@ -151,6 +183,8 @@ def run_ours(args, rt):
             row = dict(mode=mode, length=n, world=rt.world, tp=rt.tp, cp=rt.cp, shape=args.shape,
                        layers=layers, prefill_s=median, times_s=times, tokens_per_s=n / median,
                        peak_mem_gib=peak_all.item(), backend=args.backend, fused=args.fused)
+            if sparse:
+                row.update(sparse_index_stats(cfg, model, n + args.query_len))
             if mode in ("apb", "exact") and rt.cp > 1:  # communication not hidden
                 no_comm, _ = time_prefill(engine, doc, query, args.iters, 1, local_only=True)
                 row["prefill_without_comm_s"] = no_comm
@@ -278,6 +312,9 @@ def main():
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--compressor", default="query_attention")
     p.add_argument("--backend", default="auto")
+    p.add_argument("--sparse-pattern", default="block_sparse", help="mode minference: the pattern of every head")
+    p.add_argument("--sparse-budget", type=int, default=4096, help="mode minference: keys per query row")
+    p.add_argument("--sparse-dense-below", type=int, default=32768, help="mode minference: shorter calls stay dense")
     p.add_argument("--anchor-ratio", type=float, default=0.25)
     p.add_argument("--passing-ratio", type=float, default=0.125)
     p.add_argument("--query-len", type=int, default=32)

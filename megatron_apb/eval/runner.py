@@ -2,7 +2,9 @@
 
 A *method* is a name and an :class:`~megatron_apb.config.APBConfig`: ``exact``, ``star``,
 ``apb-<compressor>`` (and ``ulysses``) across the CP ranks of the run; on one process every
-mode computes full causal attention, so a one-process run is the ``full`` reference.  Every
+mode computes full causal attention, so a one-process run is the ``full`` reference.  With
+``--sparse minference`` every method's local attention is sparse and its name says so
+(``minference`` on one process, ``star+minference``, ``apb-<compressor>+minference``).  Every
 method runs on the same model, weights and prompts; each record holds the prediction, its
 RULER score and timings.
 """
@@ -32,8 +34,9 @@ class EvalMethod:
 def eval_methods(base: APBConfig, modes: Sequence[str], compressors: Sequence[str], cp_size: int) -> List[EvalMethod]:
     """The methods to run: ``full`` alone on one rank, otherwise each mode (``apb`` once per
     compressor).  ``base`` carries the lengths, backend and seed shared by all of them."""
-    if cp_size == 1:
-        return [EvalMethod("full", base.replace(mode="exact", anchor_len=None, passing_len=None))]
+    if cp_size == 1:  # with --sparse the one-process reference becomes the sparse prefill
+        name = "full" if base.sparse == "none" else base.sparse
+        return [EvalMethod(name, base.replace(mode="exact", anchor_len=None, passing_len=None))]
     methods = []
     for mode in modes:
         if mode not in ALGORITHMS:
@@ -47,6 +50,8 @@ def eval_methods(base: APBConfig, modes: Sequence[str], compressors: Sequence[st
                 methods.append(EvalMethod(f"{mode}-{c}", base.replace(mode=mode, compressor=c)))
         else:
             methods.append(EvalMethod(mode, base.replace(mode=mode, anchor_len=None, passing_len=None)))
+    if base.sparse != "none":  # every rank's local attention is sparse: say so in the names
+        methods = [EvalMethod(f"{m.name}+{base.sparse}", m.config) for m in methods]
     return methods
 
 

@@ -171,7 +171,8 @@ class APBCoreAttention(MegatronModule):
 
         out = algorithm.attention(
             q, k, v, layout=layout, group=self.cp_group, scorer=scorer,
-            softmax_scale=self.softmax_scale, backend=cfg.backend, local_only=ctx.local_only,
+            softmax_scale=self.softmax_scale, local_only=ctx.local_only,
+            backend=cfg.local_backend(self.layer_number, self.num_heads, self.config.num_layers),
         )
         return out.transpose(0, 1).reshape(seq, out.shape[0], -1)
 

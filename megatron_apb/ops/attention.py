@@ -63,8 +63,13 @@ def attention_with_lse(
     softmax_scale: Optional[float] = None,
     backend: str = "auto",
 ) -> Tuple[Tensor, Tensor]:
-    """Attention of q over (k, v) returning ``(out, lse)``; see the module docstring."""
+    """Attention of q over (k, v) returning ``(out, lse)``; see the module docstring.
+
+    ``backend`` may also be a callable with this function's contract (e.g.
+    :class:`megatron_apb.ops.sparse.SparseAttention`): the call is handed to it."""
     check_attention_inputs(q, k, v, where="attention_with_lse")
+    if not isinstance(backend, str):
+        return backend(q, k, v, causal=causal, softmax_scale=softmax_scale)
     b, sq, h, d = q.shape
     sk = k.shape[1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)

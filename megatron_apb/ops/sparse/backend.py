@@ -1,0 +1,143 @@
+"""The ``minference`` local attention backend: dynamic sparse attention for causal calls.
+
+:class:`SparseAttention` is a callable with the contract of
+:func:`megatron_apb.ops.attention.attention_with_lse` (which hands its calls over when
+given one as ``backend``): a causal call of at least ``dense_below`` keys estimates the
+index of each head's pattern (:mod:`~megatron_apb.ops.sparse.index`) and runs the sparse
+kernel (:mod:`~megatron_apb.ops.sparse.kernel`); every other call (non-causal, short, or
+more query rows than keys) runs dense attention with ``dense_backend``.  Either way it
+returns ``(out, lse)``, so the LSE merges of APB, Star Attention and context parallelism
+keep working around it: inside an APB rank the anchor and the rank's own block (the
+causal calls) go sparse, the unmasked call against anchor + passing blocks stays dense.
+
+:data:`SPARSE_METHODS` entries (``"none"``, ``"minference"``) are what
+``APBConfig.sparse`` names; :meth:`SparseMethod.backend` turns a config and a layer into
+the ``backend`` argument of the attention calls.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from ...errors import APBConfigError
+from ...registry import SPARSE_METHODS
+from ..attention import attention_with_lse
+from .index import build_index, density
+from .kernel import sparse_attention
+from .patterns import KINDS, Pattern, SparsePlan, budget_pattern, load_plan, patterns_per_head
+
+Tensor = torch.Tensor
+
+
+class SparseAttention:
+    """Sparse attention with the ``attention_with_lse`` call contract.
+
+    Args:
+        patterns: one pattern for every head, or one per query head.
+        dense_below: calls with fewer keys run dense (default: the patterns' own
+            ``dense_below``, the largest of them).
+        dense_backend: the ``attention_with_lse`` backend of the dense calls.
+        stats: if given, a list that receives one dict per sparse call (density, index
+            and attention seconds; timing synchronizes the device: benchmarks only).
+    """
+
+    def __init__(self, patterns: Union[Pattern, Sequence[Pattern]], *, dense_below: Optional[int] = None,
+                 dense_backend: str = "auto", stats: Optional[list] = None):
+        self.patterns = patterns
+        blocks = {p.block for p in ((patterns,) if not isinstance(patterns, (tuple, list)) else patterns)}
+        if len(blocks) != 1:
+            raise APBConfigError(f"sparse patterns of one layer must share one block size, got {sorted(blocks)}",
+                                 field="block")
+        if dense_below is None:
+            ps = (patterns,) if not isinstance(patterns, (tuple, list)) else patterns
+            dense_below = max(p.dense_below for p in ps)
+        self.dense_below, self.dense_backend, self.stats = dense_below, dense_backend, stats
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool,
+                 softmax_scale: Optional[float] = None, backend: Optional[str] = None):
+        sq, sk = q.shape[1], k.shape[1]
+        scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        if not causal or sk < self.dense_below or sq > sk or sq == 0 or q.shape[0] == 0:
+            return attention_with_lse(q, k, v, causal=causal, softmax_scale=scale,
+                                      backend=backend or self.dense_backend)
+        patterns = patterns_per_head(self.patterns, q.shape[2])
+        for p in set(patterns):
+            p.check_length(sk)
+        if self.stats is None:
+            return sparse_attention(q, k, v, build_index(q, k, patterns, scale), scale)
+        return self._timed(q, k, v, patterns, scale)
+
+    def _timed(self, q, k, v, patterns, scale):
+        sync = torch.cuda.synchronize if q.is_cuda else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        index = build_index(q, k, patterns, scale)
+        sync()
+        t1 = time.perf_counter()
+        out = sparse_attention(q, k, v, index, scale)
+        sync()
+        t2 = time.perf_counter()
+        self.stats.append(dict(q_len=q.shape[1], k_len=k.shape[1], density=density(index),
+                               index_s=t1 - t0, attention_s=t2 - t1))
+        return out
+
+
+@dataclass(frozen=True)
+class SparseMethod:
+    """A registered choice of ``APBConfig.sparse``.
+
+    ``check(config)`` validates the sparse settings (before any heavy work);
+    ``backend(config, layer_number, heads, num_layers)`` gives the ``backend`` argument of the attention
+    calls of that layer: ``config.backend`` itself, or a :class:`SparseAttention`.
+    """
+
+    name: str
+    check: Callable
+    backend: Callable
+    description: str = ""
+
+
+def _check_none(config):
+    if config.sparse_config is not None:
+        raise APBConfigError("sparse_config is set but sparse='none'; pass sparse='minference' or drop "
+                             "sparse_config", field="sparse_config")
+
+
+#: ``sparse_config="embedded"``: the shipped plan of the embedded model (SmolLM2-135M-Instruct),
+#: from ``megatron-apb sparse-search --length 2048 --budgets 128 256 512 --output ...`` on CPU
+EMBEDDED_PLAN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plans", "smollm2-135m-instruct.json")
+
+
+def _plan(config) -> SparsePlan:
+    if config.sparse_config is not None:
+        return load_plan(EMBEDDED_PLAN if config.sparse_config == "embedded" else config.sparse_config)
+    return SparsePlan(default=budget_pattern(config.sparse_pattern, config.sparse_budget,
+                                             dense_below=config.sparse_dense_below))
+
+
+def _check_minference(config):
+    if config.sparse_pattern not in KINDS:
+        raise APBConfigError(f"sparse_pattern must be one of {sorted(KINDS)}, got {config.sparse_pattern!r}",
+                             field="sparse_pattern")
+    _plan(config)
+
+
+def _minference_backend(config, layer_number: int, heads: int, num_layers=None):
+    plan = _plan(config)
+    plan.check_model(num_layers=num_layers, num_heads=heads)
+    patterns = plan.for_layer(layer_number, heads)
+    return SparseAttention(patterns, dense_below=config.sparse_dense_below, dense_backend=config.backend)
+
+
+SPARSE_METHODS.register(SparseMethod(
+    name="none", check=_check_none, backend=lambda config, layer_number, heads, num_layers=None: config.backend,
+    description="dense attention"))
+SPARSE_METHODS.register(SparseMethod(
+    name="minference", check=_check_minference, backend=_minference_backend,
+    description="dynamic sparse prefill (A-shape, vertical-slash, block-sparse) for causal calls"))
