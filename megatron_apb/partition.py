@@ -39,8 +39,6 @@ ATTENTION_FLOPS = 585e12
 #: elementwise work (norms, RoPE, SwiGLU, residuals) per row, as a fraction of the matmuls
 #: (fused kernels: ~3 of ~25 ms per layer on the critical rank)
 ROW_OVERHEAD = 0.12
-#: query rows the query-attention compressor reads when the layout embeds no query
-FALLBACK_WINDOW = 16
 #: NCCL all-gather on 4x H200 (ENVIRONMENT.md): bus bandwidth at 16-128 MiB per rank and
 #: the time of a 1 MiB gather
 NCCL_BUS_GIB_S = 240.0
@@ -56,7 +54,8 @@ class RankWork:
     Attributes:
         rows: rows through every matmul and elementwise kernel (anchor + block).
         pairs: (query row, key row) pairs attended, over all of the layer's attention
-            calls; the compressor's scoring counts half a pair per (query row, key).
+            calls; the query-attention compressor's scoring counts half a pair per
+            (query row, key).
     """
 
     rows: int
@@ -151,9 +150,10 @@ def rank_work(layout: "CPLayout", rank: int, world: int, *, block: Optional[int]
         pairs += b * la
     passing = layout.passing_len if world > 1 else 0
     pairs += b * rank * passing
-    if passing and rank < world - 1 and layout.mode == "apb":  # scoring (QK only: half a pair)
-        q_rows = layout.query_len or la or min(FALLBACK_WINDOW, b)
-        pairs += q_rows * b / 2
+    if passing and rank < world - 1 and layout.first_rank_anchor:
+        # the query-attention compressor (the layouts that give rank 0 the anchor): the
+        # query rows against the block, QK only (half a pair)
+        pairs += (layout.query_len or la) * b / 2
     return RankWork(rows=la + b, pairs=pairs)
 
 
