@@ -15,7 +15,8 @@ rank r attends to all ``r`` earlier blocks.
 * :func:`balance` chooses per-rank block lengths that equalise the predicted per-rank
   times (the smallest possible maximum, by bisection on it); :func:`balanced_blocks`
   applies it to a layout, cached per (layout, tokens, ranks, cost model);
-* :func:`gather_seconds` models an all-gather from a bus bandwidth and a latency.
+* :func:`gather_seconds` and :func:`all_reduce_seconds` model collectives from a bus
+  bandwidth and a latency.
 """
 
 from __future__ import annotations
@@ -167,6 +168,15 @@ def gather_seconds(bytes_per_rank: float, world: int, *, bus_gib_s: float = NCCL
     bus = bus_gib_s * 2**30
     traffic = (world - 1) * bytes_per_rank
     return max(latency_s, latency_s - (world - 1) * 2**20 / bus + traffic / bus)
+
+
+def all_reduce_seconds(bytes_per_rank: float, world: int, *, bus_gib_s: float = NCCL_BUS_GIB_S,
+                       latency_s: float = NCCL_LATENCY_S) -> float:
+    """Seconds of an all-reduce of ``bytes_per_rank`` over ``world`` ranks: the latency plus
+    ``2 (world - 1) / world * bytes`` at ``bus_gib_s`` (NCCL's bus bandwidth convention)."""
+    if world <= 1 or bytes_per_rank <= 0:
+        return 0.0
+    return latency_s + 2 * (world - 1) / world * bytes_per_rank / (bus_gib_s * 2**30)
 
 
 def balance(seconds: Callable[[int, int, int], float], num_tokens: int, world: int, *,
