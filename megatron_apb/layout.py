@@ -69,6 +69,18 @@ def shard_document(
     doc = torch.as_tensor(doc, dtype=torch.long).flatten()
     query = torch.as_tensor(query, dtype=torch.long).flatten()
     layout = plan_layout(doc.numel(), query.numel(), config, cp_size, cost=cost)
+    return split_document(doc, query, layout, cp_size, pad_id=pad_id), layout
+
+
+def split_document(doc, query, layout: CPLayout, cp_size: int, *, pad_id: int = 0) -> List[torch.Tensor]:
+    """Per-rank 1-D token ids ``[anchor; block_r]`` of ``doc`` and ``query`` under a given
+    ``layout`` (:func:`shard_document` plans the layout first)."""
+    doc = torch.as_tensor(doc, dtype=torch.long).flatten()
+    query = torch.as_tensor(query, dtype=torch.long).flatten()
+    layout.check_ranks(cp_size)
+    if layout.padded_len(cp_size) < doc.numel():
+        raise APBConfigError(f"the layout's blocks hold {layout.padded_len(cp_size)} tokens, fewer than the "
+                             f"document's {doc.numel()}; lay the document out with shard_document")
     padded = torch.full((layout.padded_len(cp_size),), pad_id, dtype=torch.long)
     padded[: doc.numel()] = doc
     anchor = build_anchor(doc, query, layout) if layout.anchor_len else doc[:0]
@@ -77,4 +89,4 @@ def shard_document(
         start = layout.block_start(r)
         block = padded[start : start + layout.block_len_on(r)]
         tokens.append(torch.cat([anchor[: layout.anchor_len_on(r)], block]))
-    return tokens, layout
+    return tokens

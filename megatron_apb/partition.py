@@ -243,23 +243,27 @@ def balance(seconds: Callable[[int, int, int], float], num_tokens: int, world: i
 def balanced_blocks(layout: "CPLayout", num_tokens: int, world: int,
                     cost: Optional[CostModel] = None) -> Tuple[int, ...]:
     """Per-rank block lengths of ``num_tokens`` tokens over ``world`` ranks that equalise
-    the times ``cost`` predicts for ``layout``'s anchor and passing lengths (cached).
-
-    Every rank but the last keeps at least ``passing_len`` tokens (it passes that many);
-    documents of at least 2048 tokens per rank get blocks in multiples of 64 tokens
-    (the attention kernels' tile), the last block taking the rest."""
+    the times ``cost`` predicts for ``layout``'s anchor and passing lengths (cached;
+    constraints of :func:`balance_layout`)."""
     equal = replace(layout, block_lens=()) if layout.block_lens else layout
     return _balanced(equal, int(num_tokens), int(world), cost or CostModel.default())
 
 
 @functools.lru_cache(maxsize=256)
 def _balanced(layout: "CPLayout", num_tokens: int, world: int, cost: CostModel) -> Tuple[int, ...]:
-    mins = [max(1, layout.passing_len) for _ in range(world - 1)] + [1]
-    align = 64 if num_tokens >= 2048 * world else 1
-
     def seconds(rank, block, start):
         return cost.seconds(rank_work(layout, rank, world, block=block, start=start))
 
+    return balance_layout(layout, num_tokens, world, seconds)
+
+
+def balance_layout(layout: "CPLayout", num_tokens: int, world: int,
+                   seconds: Callable[[int, int, int], float]) -> Tuple[int, ...]:
+    """:func:`balance` under ``layout``'s constraints: every rank but the last keeps at
+    least ``passing_len`` tokens, and blocks are multiples of 64 tokens for documents of at
+    least 2048 tokens per rank (the last block takes the rest)."""
+    mins = [max(1, layout.passing_len) for _ in range(world - 1)] + [1]
+    align = 64 if num_tokens >= 2048 * world else 1
     return balance(seconds, num_tokens, world, min_blocks=mins, align=align)
 
 

@@ -47,6 +47,9 @@ def test_emulator_runs_each_rank_and_accounts_its_work(tmp_path):
     apb = rows[("apb", "equal")]
     assert [r["rows"] for r in apb["ranks"]] == [32 + apb["anchor_len"]] * 3
     assert rows[("apb", "balanced")]["cost_model"]["source"] == "fitted"
+    for mode in ("exact", "apb"):  # the kept round is the fastest of those tried
+        balanced = rows[(mode, "balanced")]
+        assert balanced["predicted_prefill_s"] == min(r["predicted_prefill_s"] for r in balanced["rounds"])
     (entry,) = data["validation"]
     assert entry["measured_s"] == 2.0 and entry["mode"] == "apb"
     assert entry["error_pct"] == pytest.approx(100 * (rows[("apb", "equal")]["predicted_prefill_s"] / 2.0 - 1))

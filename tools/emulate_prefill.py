@@ -52,10 +52,11 @@ from megatron_apb.comm import EmulatedGroup  # noqa: E402
 from megatron_apb.forward import ForwardContext  # noqa: E402
 from megatron_apb.inference.cache import CPKVCache  # noqa: E402
 from megatron_apb.inference.engine import valid_rows  # noqa: E402
-from megatron_apb.layout import shard_document  # noqa: E402
+from megatron_apb.layout import shard_document, split_document  # noqa: E402
 from megatron_apb.megatron import MegatronAdapter  # noqa: E402
 from megatron_apb.partition import (  # noqa: E402
-    NCCL_BUS_GIB_S, NCCL_LATENCY_S, CostModel, RankWork, all_reduce_seconds, gather_seconds, rank_work,
+    NCCL_BUS_GIB_S, NCCL_LATENCY_S, CostModel, RankWork, all_reduce_seconds, balance_layout, gather_seconds,
+    rank_work,
 )
 from megatron_apb.registry import ALGORITHMS  # noqa: E402
 
@@ -168,16 +169,31 @@ def comm_per_layer(layout, rank, world, cost, *, kv_heads, heads, head_dim, hidd
     return unhidden, tp_s, gather
 
 
-def emulate(adapter, args, rt, n, mode, partition, cost, layers_run, layers):
-    """One (length, mode, partition): every rank's time, work and modelled communication."""
+def make_config(args, mode, partition):
+    return APBConfig(mode=mode, compressor=args.compressor, backend=args.backend, anchor_ratio=args.anchor_ratio,
+                     passing_ratio=args.passing_ratio, query_prefix_len=16, fused_rope=args.fused,
+                     partition=partition)
+
+
+def make_prompt(args, n):
+    """bench_prefill.py's document and query of ``n`` tokens."""
+    vocab = min(shapes()[args.shape]["vocab"], 100000)
+    doc = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(n))
+    query = torch.randint(0, vocab, (args.query_len,), generator=torch.Generator().manual_seed(1))
+    return doc, query
+
+
+def emulate(adapter, args, rt, n, mode, partition, cost, layers_run, layers, blocks=None):
+    """One (length, mode, partition): every rank's time, work and modelled communication.
+    ``blocks``: these per-rank blocks instead of the partition's own."""
     full, world = shapes()[args.shape], args.world
-    config = APBConfig(mode=mode, compressor=args.compressor, backend=args.backend, anchor_ratio=args.anchor_ratio,
-                       passing_ratio=args.passing_ratio, query_prefix_len=16, fused_rope=args.fused,
-                       partition=partition)
-    vocab = full["vocab"]
-    doc = torch.randint(0, min(vocab, 100000), (n,), generator=torch.Generator().manual_seed(n))
-    query = torch.randint(0, min(vocab, 100000), (args.query_len,), generator=torch.Generator().manual_seed(1))
-    tokens, layout = shard_document(doc, query, config, world, cost=cost)
+    config = make_config(args, mode, partition)
+    doc, query = make_prompt(args, n)
+    if blocks is None:
+        tokens, layout = shard_document(doc, query, config, world, cost=cost)
+    else:
+        layout = config.replace(partition="equal").layout_for(n, world, query_len=query.numel()).with_blocks(blocks)
+        tokens = split_document(doc, query, layout, world)
     heads, kv_heads = full["num_attention_heads"] // args.tp, full["num_query_groups"] // args.tp
     head_dim, hidden = full["hidden_size"] // full["num_attention_heads"], full["hidden_size"]
     net = dict(bus_gib_s=args.bus_gib_s, latency_s=args.latency_us * 1e-6)
@@ -220,6 +236,34 @@ def emulate(adapter, args, rt, n, mode, partition, cost, layers_run, layers):
         slowest_rank=slowest, slowest_over_fastest=max(compute) / min(compute),
         bus_gib_s=args.bus_gib_s, latency_us=args.latency_us, ranks=ranks,
     )
+
+
+def refine(adapter, args, rt, n, mode, cost, row, layers_run, layers):
+    """Up to ``--refine`` more rounds while the balanced ranks still differ by more than
+    ``--refine-below``: each rank's measured time over the cost model's prediction scales
+    its cost, the blocks are balanced again and emulated; the fastest round is kept (the
+    others are listed in its ``rounds``)."""
+    rounds = [row]
+    equal = make_config(args, mode, "equal").layout_for(n, args.world, query_len=args.query_len)
+    for _ in range(args.refine):
+        last = rounds[-1]
+        if last["slowest_over_fastest"] <= args.refine_below:
+            break
+        factors = [x["compute_s"] / (layers * cost.seconds(RankWork(x["rows"], x["pairs"]))) for x in last["ranks"]]
+
+        def seconds(rank, block, start):
+            return factors[rank] * cost.seconds(rank_work(equal, rank, args.world, block=block, start=start))
+
+        blocks = balance_layout(equal, n, args.world, seconds)
+        if list(blocks) == last["blocks"]:
+            break
+        nxt = emulate(adapter, args, rt, n, mode, "balanced", cost, layers_run, layers, blocks=blocks)
+        nxt["cost_model"] = dict(last["cost_model"], per_rank_factors=factors)
+        rounds.append(nxt)
+    best = min(rounds, key=lambda r: r["predicted_prefill_s"])
+    best["rounds"] = [dict(blocks=r["blocks"], predicted_prefill_s=r["predicted_prefill_s"],
+                           slowest_over_fastest=r["slowest_over_fastest"]) for r in rounds]
+    return best
 
 
 def fit_cost(ranks, layers):
@@ -282,6 +326,11 @@ def parse_args(argv=None):
     p.add_argument("--cost", default="fitted", choices=["fitted", "shape"],
                    help="what the balanced partition equalises: the cost model fitted to the equal "
                         "partition's per-rank times (default) or the shape's FLOP-rate model (the engine's)")
+    p.add_argument("--refine", type=int, default=1,
+                   help="rounds that rebalance from the balanced ranks' measured times (each rank's "
+                        "time over the model's prediction scales its cost)")
+    p.add_argument("--refine-below", type=float, default=1.02,
+                   help="no further round once slowest/fastest rank is at most this")
     p.add_argument("--layers", type=int, help="layers to run (times are scaled to the shape's depth)")
     p.add_argument("--layers-at", nargs="*", default=[], metavar="LENGTH=LAYERS", help="--layers per length")
     p.add_argument("--compressor", default="query_attention")
@@ -340,6 +389,7 @@ def main(argv=None):
                 cost = shape_cost(args.shape, args.tp)
             row = emulate(adapter, args, rt, n, mode, "balanced", cost, layers_run, full_layers)
             row["cost_model"] = dict(source=args.cost, row_s=cost.row_s, pair_s=cost.pair_s)
+            row = refine(adapter, args, rt, n, mode, cost, row, layers_run, full_layers)
             row["equal_predicted_prefill_s"] = equal["predicted_prefill_s"]
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "ranks"}), flush=True)
