@@ -23,14 +23,14 @@ def test_emulator_runs_each_rank_and_accounts_its_work(tmp_path):
     ])))
     out = tmp_path / "emu.json"
     cmd = [sys.executable, os.path.join(ROOT, "tools", "emulate_prefill.py"), "--shape", "tiny", "--world", "3",
-           "--tp", "2", "--lengths", "96", "--query-len", "4", "--modes", "exact", "apb", "--warmup", "0",
+           "--tp", "2", "--lengths", "96", "--query-len", "4", "--modes", "apb", "--warmup", "0",
            "--count-flops", "--validate", str(measured), "--out", str(out)]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
     rows = {(r["mode"], r["partition"]): r for r in data["results"]}
-    assert set(rows) == {("exact", "equal"), ("exact", "balanced"), ("apb", "equal"), ("apb", "balanced")}
+    assert set(rows) == {("apb", "equal"), ("apb", "balanced")}
     assert rows[("apb", "equal")]["blocks"] == [32, 32, 32]
     for row in rows.values():
         ranks = row["ranks"]
@@ -47,9 +47,8 @@ def test_emulator_runs_each_rank_and_accounts_its_work(tmp_path):
     apb = rows[("apb", "equal")]
     assert [r["rows"] for r in apb["ranks"]] == [32 + apb["anchor_len"]] * 3
     assert rows[("apb", "balanced")]["cost_model"]["source"] == "fitted"
-    for mode in ("exact", "apb"):  # the kept round is the fastest of those tried
-        balanced = rows[(mode, "balanced")]
-        assert balanced["predicted_prefill_s"] == min(r["predicted_prefill_s"] for r in balanced["rounds"])
+    balanced = rows[("apb", "balanced")]  # the kept round is the fastest of those tried
+    assert balanced["predicted_prefill_s"] == min(r["predicted_prefill_s"] for r in balanced["rounds"])
     (entry,) = data["validation"]
     assert entry["measured_s"] == 2.0 and entry["mode"] == "apb"
     assert entry["error_pct"] == pytest.approx(100 * (rows[("apb", "equal")]["predicted_prefill_s"] / 2.0 - 1))

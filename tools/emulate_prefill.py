@@ -286,7 +286,7 @@ def validate(rows, files):
         for m in measured:
             if m.get("oom") or "prefill_s" not in m:
                 continue
-            for row in rows:
+            for row in (r for r in rows if not r.get("oom")):
                 if (row["mode"], row["length"], row["cp"], row["tp"], row["shape"], row["partition"]) == (
                         m["mode"], m["length"], m.get("cp", m.get("world")), m.get("tp", 1),
                         m.get("shape", "llama3-8b"), m.get("partition", "equal")):
@@ -305,6 +305,9 @@ def validate(rows, files):
 def markdown(rows, table):
     lines = ["| mode | tokens | partition | blocks | slowest/fastest | predicted s |", "| --- | ---: | --- | --- | ---: | ---: |"]
     for r in rows:
+        if r.get("oom"):
+            lines.append(f"| {r['mode']} | {r['length']} | out of memory | | | |")
+            continue
         lines.append(f"| {r['mode']} | {r['length']} | {r['partition']} | {r['blocks']} | "
                      f"{r['slowest_over_fastest']:.3f} | {r['predicted_prefill_s']:.3f} |")
     if table:
@@ -351,6 +354,39 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def emulate_mode(adapter, args, rt, n, mode, layers_run, full_layers):
+    """The rows of one (length, mode): the equal partition, then the balanced one."""
+    rows = []
+    equal = emulate(adapter, args, rt, n, mode, "equal", None, layers_run, full_layers)
+    if "equal" in args.partition:
+        rows.append(equal)
+        print(json.dumps({k: v for k, v in equal.items() if k != "ranks"}), flush=True)
+    if "balanced" not in args.partition or ALGORITHMS.get(mode).equal_blocks:
+        return rows
+    cost = fit_cost(equal["ranks"], full_layers) if args.cost == "fitted" else None
+    if cost is None:
+        if args.cost == "fitted":
+            print(f"{mode} {n}: the equal ranks do not fit a cost model; using the shape's", flush=True)
+        cost = shape_cost(args.shape, args.tp)
+    row = emulate(adapter, args, rt, n, mode, "balanced", cost, layers_run, full_layers)
+    row["cost_model"] = dict(source=args.cost, row_s=cost.row_s, pair_s=cost.pair_s)
+    row = refine(adapter, args, rt, n, mode, cost, row, layers_run, full_layers)
+    row["equal_predicted_prefill_s"] = equal["predicted_prefill_s"]
+    rows.append(row)
+    print(json.dumps({k: v for k, v in row.items() if k != "ranks"}), flush=True)
+    return rows
+
+
+def write_out(args, argv, device_name, rows, table):
+    if not args.out:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    meta = dict(device=device_name, torch=torch.__version__, command=" ".join(sys.argv if argv is None else argv),
+                note="one GPU runs each CP rank's prefill in turn; communication modelled")
+    with open(args.out, "w") as f:
+        json.dump(dict(meta=meta, results=rows, validation=table), f, indent=1)
+
+
 def main(argv=None):
     args = parse_args(argv)
     from megatron_apb.inference.launch import init_runtime
@@ -376,31 +412,16 @@ def main(argv=None):
             models[layers_run] = MegatronAdapter(model, vocab_size=shapes()[args.shape]["vocab"])
         adapter = models[layers_run]
         for mode in args.modes:
-            equal = emulate(adapter, args, rt, n, mode, "equal", None, layers_run, full_layers)
-            if "equal" in args.partition:
-                rows.append(equal)
-                print(json.dumps({k: v for k, v in equal.items() if k != "ranks"}), flush=True)
-            if "balanced" not in args.partition or ALGORITHMS.get(mode).equal_blocks:
-                continue
-            cost = fit_cost(equal["ranks"], full_layers) if args.cost == "fitted" else None
-            if cost is None:
-                if args.cost == "fitted":
-                    print(f"{mode} {n}: the equal ranks do not fit a cost model; using the shape's", flush=True)
-                cost = shape_cost(args.shape, args.tp)
-            row = emulate(adapter, args, rt, n, mode, "balanced", cost, layers_run, full_layers)
-            row["cost_model"] = dict(source=args.cost, row_s=cost.row_s, pair_s=cost.pair_s)
-            row = refine(adapter, args, rt, n, mode, cost, row, layers_run, full_layers)
-            row["equal_predicted_prefill_s"] = equal["predicted_prefill_s"]
-            rows.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "ranks"}), flush=True)
+            try:
+                rows += emulate_mode(adapter, args, rt, n, mode, layers_run, full_layers)
+            except torch.OutOfMemoryError:
+                print(f"{mode} {n}: out of memory", flush=True)
+                rows.append(dict(mode=mode, length=n, world=args.world, tp=args.tp, shape=args.shape, oom=True))
+                torch.cuda.empty_cache()
+            write_out(args, argv, device_name, rows, validate(rows, args.validate))  # partial results survive a timeout
     table = validate(rows, args.validate)
     print(markdown(rows, table), flush=True)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        meta = dict(device=device_name, torch=torch.__version__, command=" ".join(sys.argv if argv is None else argv),
-                    note="one GPU runs each CP rank's prefill in turn; communication modelled")
-        with open(args.out, "w") as f:
-            json.dump(dict(meta=meta, results=rows, validation=table), f, indent=1)
+    write_out(args, argv, device_name, rows, table)
     return rows, table
 
 
