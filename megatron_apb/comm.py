@@ -6,6 +6,8 @@
 * :func:`all_to_all_heads` re-shards [b, s, h, d] between sequence and head partitions
   (Ulysses).
 * :func:`broadcast`, :func:`all_reduce` and :func:`barrier` for the other collectives.
+* :class:`EmulatedGroup` stands for one rank of a larger group in a single process
+  (benchmarks: one rank's work at its real shapes, on one GPU).
 
 These are inference collectives: they carry no gradient.
 
@@ -61,11 +63,37 @@ _timeout_s: Optional[float] = None  # None: no timeout of our own (the groups' o
 
 
 # ----------------------------------------------------------------- groups
+class EmulatedGroup:
+    """Stands for rank ``rank`` of a group of ``size`` ranks inside one process, to run
+    that rank's share of a forward alone (``tools/emulate_prefill.py``): sizes and ranks
+    are the group's, and each collective hands back tensors of the shapes the real one
+    would, filled from this rank's input (an all-gather repeats it in every slot, an
+    all-to-all returns it), so every kernel runs at its real size; the values are wrong.
+    """
+
+    def __init__(self, rank: int, size: int):
+        if not 0 <= rank < size:
+            raise ValueError(f"an emulated group of {size} ranks has no rank {rank}")
+        self.rank, self.size = rank, size
+
+    def __repr__(self):
+        return f"EmulatedGroup(rank={self.rank}, size={self.size})"
+
+
+def is_emulated(group) -> bool:
+    """Whether ``group`` is an :class:`EmulatedGroup` (no process talks to another)."""
+    return isinstance(group, EmulatedGroup)
+
+
 def group_size(group) -> int:
+    if is_emulated(group):
+        return group.size
     return 1 if group is None else dist.get_world_size(group)
 
 
 def group_rank(group) -> int:
+    if is_emulated(group):
+        return group.rank
     return 0 if group is None else dist.get_rank(group)
 
 
@@ -73,6 +101,8 @@ def collective_device(group, device) -> torch.device:
     """Where tensors for a collective over ``group`` must live: host memory for a gloo group
     (several ranks may then share one GPU, e.g. for accuracy runs), else ``device``."""
     device = torch.device(device)
+    if is_emulated(group):
+        return device
     if device.type != "cpu" and group is not None and dist.get_backend(group) == "gloo":
         return torch.device("cpu")
     return device
@@ -158,7 +188,7 @@ def all_gather_async(x: Tensor, group, *, local_only: bool = False) -> PendingGa
     x = x.detach().contiguous()
     if world == 1:
         return PendingGather(x.unsqueeze(0), None)
-    if local_only:
+    if local_only or is_emulated(group):
         return PendingGather(x.unsqueeze(0).expand((world,) + tuple(x.shape)).contiguous(), None)
     origin, wire = x.device, collective_device(group, x.device)
     x = x.to(wire)
@@ -191,7 +221,9 @@ def all_to_all_heads(x: Tensor, group, *, scatter_heads: bool) -> Tensor:
 
 def _all_to_all(send: Tensor, group) -> Tensor:
     """``all_to_all_single`` of equal splits along dim 0 (staged through host memory for a
-    gloo group holding GPU tensors)."""
+    gloo group holding GPU tensors; an emulated group hands back a copy)."""
+    if is_emulated(group):
+        return send.clone()
     wire = collective_device(group, send.device)
     staged = send.to(wire)
     recv = torch.empty_like(staged)
@@ -200,8 +232,9 @@ def _all_to_all(send: Tensor, group) -> Tensor:
 
 
 def _single(group) -> bool:
-    """No collective needed (``group`` None: the default group, as in torch.distributed)."""
-    return not dist.is_initialized() or dist.get_world_size(group) == 1
+    """No collective needed (``group`` None: the default group, as in torch.distributed;
+    an emulated group: its one process holds every value)."""
+    return is_emulated(group) or not dist.is_initialized() or dist.get_world_size(group) == 1
 
 
 class PeerWait:

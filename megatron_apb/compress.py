@@ -265,13 +265,13 @@ def _query_attention_score(x: ScoreInputs) -> Tensor:
     elif la > 0:
         rows = x.q[:, :la]
     else:  # no anchor: the end of the block observes the rest (SnapKV's window)
-        rows = x.q[:, -min(FALLBACK_WINDOW, layout.block_len) :]
+        rows = x.q[:, -min(FALLBACK_WINDOW, layout.block_len_on(x.rank)) :]
     return query_attention_scores(rows, x.k[:, la:], x.softmax_scale)
 
 
 def _random_score(x: ScoreInputs) -> Tensor:
     seed = x.config.seed + 7919 * x.layer_number + 104729 * x.rank
-    return random_scores(x.q.shape[0], x.layout.block_len, x.num_kv_heads, seed=seed, device=x.q.device)
+    return random_scores(x.q.shape[0], x.layout.block_len_on(x.rank), x.num_kv_heads, seed=seed, device=x.q.device)
 
 
 register_compressor(Compressor(

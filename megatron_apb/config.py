@@ -11,23 +11,31 @@ variables are all generated from :func:`dataclasses.fields` (see
 :mod:`megatron_apb.configargs`), so a new field appears in every front-end at once.
 ``mode`` and ``compressor`` are checked against the registries
 (:data:`megatron_apb.registry.ALGORITHMS`, :data:`~megatron_apb.registry.COMPRESSORS`).
+
+The module is above 400 lines because the settings, the rules that resolve them into a
+layout (with the advice given when a document cannot be laid out) and the layout with its
+per-rank helpers are read together; the partition arithmetic lives in
+:mod:`megatron_apb.partition`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from .errors import APBConfigError
+from .partition import balanced_blocks
 from .registry import ALGORITHMS, COMPRESSORS, SPARSE_METHODS
 
 #: attention kernels of :func:`megatron_apb.ops.attention.attention_with_lse`
 BACKENDS = ("auto", "sdpa", "cudnn", "flash", "efficient", "flex", "math", "reference")
 #: patterns of :mod:`megatron_apb.ops.sparse` (``APBConfig.sparse_pattern``)
 SPARSE_PATTERNS = ("block_sparse", "vertical_slash", "a_shape")
+#: how a document is split over the context-parallel ranks (``APBConfig.partition``)
+PARTITIONS = ("equal", "balanced")
 #: the dtype names every command accepts
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -88,6 +96,12 @@ class APBConfig:
         sparse_config: a per-layer, per-head pattern file (JSON, written by
             ``megatron-apb sparse-search``; ``"embedded"``: the shipped one of the embedded
             model); overrides ``sparse_pattern``/``sparse_budget``.
+        partition: how the document is split over the ranks: ``"equal"`` (the
+            reference's ``ceil(tokens / ranks)`` blocks, the last one padded) or
+            ``"balanced"`` (per-rank blocks chosen so that every rank's predicted prefill
+            time is the same, :mod:`megatron_apb.partition`; the anchor and passing lengths
+            stay those of the equal blocks).  Modes whose algorithm needs equal blocks
+            (``ulysses``) always split equally.
     """
 
     mode: str = _option(
@@ -114,11 +128,15 @@ class APBConfig:
     sparse_budget: int = _option(4096, "keys each query row reads, about (sparse_pattern)")
     sparse_dense_below: int = _option(32768, "attention calls with fewer keys stay dense")
     sparse_config: Optional[str] = _option(None, "per-layer, per-head sparse pattern file (JSON path, or 'embedded')")
+    partition: str = _option(
+        "equal", "split of the document over the ranks: equal blocks or balanced per-rank work",
+        choices=PARTITIONS)
 
     def __post_init__(self):
         ALGORITHMS.get(self.mode)
         COMPRESSORS.get(self.compressor)
         _one_of("backend", self.backend, BACKENDS)
+        _one_of("partition", self.partition, PARTITIONS)
         for name in ("query_in_anchor", "fused_rope"):
             if not isinstance(getattr(self, name), bool):
                 raise APBConfigError(f"{name} must be True or False, got {getattr(self, name)!r}", field=name)
@@ -204,10 +222,14 @@ class APBConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
-    def layout_for(self, num_tokens: int, cp_size: int, query_len: int = 0) -> "CPLayout":
+    def layout_for(self, num_tokens: int, cp_size: int, query_len: int = 0, *, cost=None) -> "CPLayout":
         """The layout of a ``num_tokens``-token document split over ``cp_size`` ranks.
 
-        Blocks are ``ceil(num_tokens / cp_size)`` tokens; the last one is padded.  A document
+        Equal partition: blocks are ``ceil(num_tokens / cp_size)`` tokens; the last one is
+        padded.  Balanced partition: the anchor and passing lengths of the equal layout,
+        and per-rank blocks (summing to ``num_tokens``, no padding) that equalise the
+        per-rank times predicted by ``cost`` (a :class:`megatron_apb.partition.CostModel`;
+        None: :meth:`~megatron_apb.partition.CostModel.default`).  A document
         that these settings cannot lay out is refused with what works instead, each found by
         the rules that refused it (:meth:`layout`): the shortest document for ``cp_size``
         ranks, and where they help, fewer ranks or another ``anchor_len``.
@@ -222,9 +244,11 @@ class APBConfig:
             reason = f"the document has {num_tokens} tokens, fewer than the {cp_size} context-parallel ranks"
         else:
             try:
-                return self.layout(block, cp_size=cp_size, query_len=query_len)
+                equal = self.layout(block, cp_size=cp_size, query_len=query_len)
             except APBConfigError:
                 pass
+            else:
+                return self._partitioned(equal, num_tokens, cp_size, cost)
             reason = f"a {num_tokens}-token document on {cp_size} context-parallel ranks makes blocks of {block} tokens"
             need = self.query_prefix_len + query_len
             if not self.passes_blocks:
@@ -296,6 +320,12 @@ class APBConfig:
                 break
         raise APBConfigError(f"{reason}: {'; or '.join(advice)}", field=field)
 
+    def _partitioned(self, equal: "CPLayout", num_tokens: int, cp_size: int, cost) -> "CPLayout":
+        """``equal``, or under ``partition="balanced"`` its balanced counterpart."""
+        if self.partition == "equal" or cp_size == 1 or self.algorithm.equal_blocks:
+            return equal
+        return equal.with_blocks(balanced_blocks(equal, num_tokens, cp_size, cost))
+
     def layout(self, block_len: int, *, cp_size: int, query_len: int = 0) -> "CPLayout":
         """Resolve lengths for blocks of ``block_len`` tokens on ``cp_size`` ranks.
 
@@ -360,11 +390,15 @@ class APBConfig:
 class CPLayout:
     """Resolved per-prompt layout shared by all context-parallel ranks.
 
-    Rank r holds the contiguous block ``[r*block_len, (r+1)*block_len)`` of the document.
-    Ranks >= 1 prepend ``anchor_len`` anchor rows (positions 0..anchor_len-1); rank 0 has
-    none, unless ``first_rank_anchor``: then it holds the anchor too, only so that the
-    query-attention compressor can score its block (its local rows do not attend to it).
-    The query tokens sit at anchor rows ``[query_start, query_start+query_len)``.
+    Rank r holds the contiguous block ``[block_start(r), block_start(r) + block_len_on(r))``
+    of the document: every block ``block_len`` tokens (equal partition, ``block_lens``
+    empty), or ``block_lens[r]`` tokens (a balanced partition; ``block_len`` is then the
+    longest).  Ranks >= 1 prepend ``anchor_len`` anchor rows (positions 0..anchor_len-1);
+    rank 0 has none, unless ``first_rank_anchor``: then it holds the anchor too, only so
+    that the query-attention compressor can score its block (its local rows do not attend
+    to it).  The query tokens sit at anchor rows ``[query_start, query_start+query_len)``.
+    Use :meth:`block_len_on` and :meth:`block_start`, never ``block_len`` alone, for a
+    rank's block.
     """
 
     mode: str
@@ -374,6 +408,65 @@ class CPLayout:
     query_start: int = 0
     query_len: int = 0
     first_rank_anchor: bool = False
+    block_lens: Tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if not self.block_lens:
+            return
+        lens = self.block_lens
+        if not isinstance(lens, tuple) or any(isinstance(n, bool) or not isinstance(n, int) for n in lens):
+            raise APBConfigError(f"block_lens must be a tuple of ints, got {lens!r}", field="block_lens")
+        short = [r for r, n in enumerate(lens) if n < 1]
+        if short:
+            raise APBConfigError(
+                f"block_lens={lens}: the block of rank {short[0]} is empty; every rank needs at least one "
+                "document token: give fewer ranks or a longer document", field="block_lens")
+        if self.block_len != max(lens):
+            raise APBConfigError(
+                f"block_len={self.block_len} must be the longest of block_lens={lens} ({max(lens)}); "
+                "build the layout with CPLayout.with_blocks", field="block_len")
+        if self.passing_len > 0:
+            # every rank but the last passes exactly passing_len rows of its block
+            short = [r for r, n in enumerate(lens[:-1]) if n < self.passing_len]
+            if short:
+                r = short[0]
+                raise APBConfigError(
+                    f"block_lens={lens}: rank {r}'s block ({lens[r]} tokens) is shorter than "
+                    f"passing_len={self.passing_len}, which every rank but the last passes on; "
+                    f"give rank {r} at least {self.passing_len} tokens or lower passing_len",
+                    field="block_lens")
+
+    @property
+    def equal(self) -> bool:
+        """Whether every rank holds ``block_len`` tokens (the reference's partition)."""
+        return not self.block_lens
+
+    def with_blocks(self, block_lens) -> "CPLayout":
+        """This layout with per-rank blocks ``block_lens`` (validated)."""
+        lens = tuple(int(n) for n in block_lens)
+        if not lens:
+            raise APBConfigError("block_lens must name one block per rank, got none", field="block_lens")
+        return dataclasses.replace(self, block_len=max(lens), block_lens=lens)
+
+    def check_ranks(self, cp_size: int) -> None:
+        """Refuse a layout of per-rank blocks made for another number of ranks."""
+        if self.block_lens and len(self.block_lens) != cp_size:
+            raise APBConfigError(
+                f"the layout has {len(self.block_lens)} blocks (block_lens={self.block_lens}) but the "
+                f"context-parallel group has {cp_size} ranks; lay the document out for {cp_size} ranks",
+                field="block_lens")
+
+    def block_len_on(self, rank: int) -> int:
+        """Document rows (padding included) of ``rank``'s block."""
+        return self.block_lens[rank] if self.block_lens else self.block_len
+
+    def block_start(self, rank: int) -> int:
+        """Position of the first token of ``rank``'s block in the document."""
+        return sum(self.block_lens[:rank]) if self.block_lens else rank * self.block_len
+
+    def padded_len(self, cp_size: int) -> int:
+        """Document rows over ``cp_size`` ranks, padding included."""
+        return self.block_start(cp_size)
 
     def anchor_len_on(self, rank: int) -> int:
         """Anchor rows held by ``rank``."""
@@ -385,10 +478,7 @@ class CPLayout:
 
     def local_len(self, rank: int) -> int:
         """Rows held by ``rank``: its anchor, then its block."""
-        return self.anchor_len_on(rank) + self.block_len
-
-    def block_start(self, rank: int) -> int:
-        return rank * self.block_len
+        return self.anchor_len_on(rank) + self.block_len_on(rank)
 
 
 def _one_of(name, value, allowed):

@@ -66,6 +66,9 @@ class ForwardContext:
         static: a decode forward that reads no host value (CUDA-graph capturable):
             ``positions`` on the device, the new K/V written at the cache's device
             ``slots``, attention over its device ``lengths`` with the split-KV kernel.
+        cp_group: the context-parallel group of this prefill (None: the model's own);
+            benchmarks pass a :class:`megatron_apb.comm.EmulatedGroup` to run one rank's
+            share of a larger group alone, on a model built for one rank.
     """
 
     phase: str = PREFILL
@@ -76,6 +79,7 @@ class ForwardContext:
     config: Optional[APBConfig] = None
     local_only: bool = False
     static: bool = False
+    cp_group: Any = None
     # the layout the first APB layer checked with the other ranks: (rows, layout)
     checked: Optional[Tuple[int, CPLayout]] = field(default=None, repr=False)
     # values derived once per forward and shared by its layers (e.g. the rotary rows of this

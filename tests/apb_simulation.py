@@ -86,14 +86,18 @@ def simulate_apb(
     query_len=0,
     first_rank_anchor=False,
     smoothing=5,
+    block_lens=None,
 ):
-    """Logits of every host under APB.  ``host_tokens[h]`` is host h's [anchor; block] ids."""
+    """Logits of every host under APB.  ``host_tokens[h]`` is host h's [anchor; block] ids;
+    blocks are ``block_len`` tokens each, or ``block_lens[h]`` for host h."""
     H = len(host_tokens)
     group = shape.num_heads // shape.num_kv_heads
     anchor_of = [anchor_len if (h > 0 or first_rank_anchor) else 0 for h in range(H)]
+    lens = list(block_lens) if block_lens is not None else [block_len] * H
+    starts = [sum(lens[:h]) for h in range(H)]
     hidden = [w["embedding.word_embeddings.weight"][t] for t in host_tokens]
     positions = [
-        torch.cat([torch.arange(anchor_of[h]), h * block_len + torch.arange(block_len)])
+        torch.cat([torch.arange(anchor_of[h]), starts[h] + torch.arange(lens[h])])
         for h in range(H)
     ]
     for layer in range(shape.num_layers):
@@ -109,7 +113,7 @@ def simulate_apb(
         # compressed blocks C_h, per KV head: (keys [lp, d], values [lp, d])
         passed = []
         for h in range(H - 1 if passing_len else 0):
-            la = anchor_of[h]
+            la, block_len = anchor_of[h], lens[h]
             if compressor == "retaining_head":
                 feats = torch.cat(
                     [qs[h][la:].flatten(1), ks[h][la:].flatten(1), vs[h][la:].flatten(1)], -1
@@ -144,6 +148,7 @@ def simulate_apb(
             passed.append(blocks)
         new_hidden = []
         for h in range(H):
+            block_len = lens[h]
             la, s = anchor_of[h], anchor_of[h] + block_len
             keys, values, masks = [], [], []
             for g in range(shape.num_kv_heads):

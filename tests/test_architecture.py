@@ -10,8 +10,9 @@ Layers, each importing only from those below it (docs/architecture.md):
     megatron/                                Megatron-Core glue
     parallel/  compress  heads  layout  comm  forward  adapter   algorithms and their parts
     ops/                                     attention math, no process groups
-    config  configargs  errors  registry  atomic  watchdog   settings, their validation,
-                                             crash-safe saves, naming stalled collectives
+    config  configargs  errors  registry  atomic  watchdog  partition   settings, their
+                                             validation, crash-safe saves, naming stalled
+                                             collectives, the per-rank cost model
 
 ``data/`` (prompts and tasks) sits beside the core and imports only the bottom floor.
 """
@@ -40,7 +41,7 @@ FORBIDDEN = {
     "data": {"ops", "parallel", "megatron", "inference", "checkpoints", "training", "eval", "integrations", "cli"},
     "integrations": {"cli"},
 }
-BOTTOM = {"config", "configargs", "errors", "registry", "_lazy", "atomic", "watchdog"}
+BOTTOM = {"config", "configargs", "errors", "registry", "_lazy", "atomic", "watchdog", "partition"}
 for part in BOTTOM:
     FORBIDDEN[part] = {"ops", "parallel", "compress", "heads", "layout", "comm", "forward", "adapter",
                        "megatron", "inference", "checkpoints", "training", "eval", "data", "integrations", "cli"}

@@ -167,7 +167,7 @@ def run_ours(args, rt):
             sparse = sparse_settings(args) if mode == "minference" else {}
             cfg = APBConfig(mode="exact" if sparse else mode, compressor=args.compressor, backend=args.backend,
                             anchor_ratio=args.anchor_ratio, passing_ratio=args.passing_ratio,
-                            query_prefix_len=16, fused_rope=args.fused, **sparse)
+                            query_prefix_len=16, fused_rope=args.fused, partition=args.partition, **sparse)
             engine = APBEngine(model, cfg, cp_group=rt.pg.cp, tp_group=rt.pg.tp, vocab_size=128000)
             torch.cuda.reset_peak_memory_stats()
             try:
@@ -182,7 +182,8 @@ def run_ours(args, rt):
             dist.all_reduce(peak_all, op=dist.ReduceOp.MAX)
             row = dict(mode=mode, length=n, world=rt.world, tp=rt.tp, cp=rt.cp, shape=args.shape,
                        layers=layers, prefill_s=median, times_s=times, tokens_per_s=n / median,
-                       peak_mem_gib=peak_all.item(), backend=args.backend, fused=args.fused)
+                       peak_mem_gib=peak_all.item(), backend=args.backend, fused=args.fused,
+                       partition=args.partition)
             if sparse:
                 row.update(sparse_index_stats(cfg, model, n + args.query_len))
             if mode in ("apb", "exact") and rt.cp > 1:  # communication not hidden
@@ -321,6 +322,8 @@ def main():
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
                    help="RMSNorm, RoPE and SwiGLU as one kernel each in our model (default); "
                         "--no-fused: PyTorch's and Megatron's unfused chains")
+    p.add_argument("--partition", default="equal", choices=["equal", "balanced"],
+                   help="split of the document over the CP ranks (APBConfig.partition)")
     p.add_argument("--iters", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--breakdown", action="store_true", help="profile one prefill per case")

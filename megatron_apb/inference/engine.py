@@ -28,6 +28,7 @@ from ..config import APBConfig, APBConfigError
 from ..errors import NonFiniteError
 from ..forward import ForwardContext
 from ..layout import shard_document
+from ..partition import CostModel
 from ..megatron.adapter import MegatronAdapter
 from .batch import generate_batch
 from .cache import CPKVCache
@@ -53,6 +54,26 @@ class GenerationResult:
         return self.decode_tokens / self.decode_s if self.decode_s > 0 else float("nan")
 
 
+def valid_rows(layout, rank: int, n_doc: int) -> int:
+    """Document tokens (not padding) in ``rank``'s block of ``layout``."""
+    return max(0, min(layout.block_len_on(rank), n_doc - layout.block_start(rank)))
+
+
+def shape_cost_model(config, tp: int = 1) -> Optional[CostModel]:
+    """The cost model of a model whose config names its shape (Megatron's
+    ``TransformerConfig`` or a Hugging Face config), or None when it does not."""
+    def get(*names):
+        return next((getattr(config, n) for n in names if getattr(config, n, None)), None)
+
+    hidden, heads = get("hidden_size"), get("num_attention_heads")
+    kv_heads = get("num_query_groups", "num_key_value_heads") or heads
+    ffn = get("ffn_hidden_size", "intermediate_size")
+    if not all(isinstance(x, int) for x in (hidden, heads, kv_heads, ffn)):
+        return None
+    head_dim = get("kv_channels", "head_dim") or hidden // heads
+    return CostModel.from_shape(hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim, ffn=ffn, tp=tp)
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -75,6 +96,9 @@ class APBEngine:
             (:class:`~megatron_apb.inference.decode.DecodeStep`); default: on CUDA where the
             step has no collective (one CP rank or ``local_decode``, TP 1).  False: the
             same static step, run eagerly.
+        cost_model: what a balanced partition (``APBConfig.partition="balanced"``)
+            equalises (:class:`~megatron_apb.partition.CostModel`); default: from the
+            model's shape (its config), else the partition module's default.
     """
 
     def __init__(
@@ -90,6 +114,7 @@ class APBEngine:
         sample_src: int = 0,
         progress: Optional[Callable[[str], None]] = None,
         cuda_graphs: Optional[bool] = None,
+        cost_model: Optional[CostModel] = None,
     ):
         if isinstance(model, ModelAdapter):
             self.adapter = model
@@ -104,6 +129,9 @@ class APBEngine:
         self.device = self.adapter.device
         self._table = None  # the rotary table, computed once for many forwards
         self.cuda_graphs = cuda_graphs
+        if cost_model is None:
+            cost_model = shape_cost_model(getattr(model, "config", None), group_size(tp_group))
+        self.cost_model = cost_model
 
     # Positions added to the rotary table beyond the current need, so that decoding
     # recomputes it once per this many tokens instead of at every step.
@@ -180,11 +208,12 @@ class APBEngine:
         query = torch.as_tensor(query_ids, dtype=torch.long).flatten()
         if query.numel() == 0:
             raise APBConfigError("the query is empty; give a question")
-        tokens, layout = shard_document(doc, query, self.config, self.cp_size, pad_id=self.pad_id)
-        valid = max(0, min(layout.block_len, doc.numel() - layout.block_start(self.cp_rank)))
+        tokens, layout = shard_document(doc, query, self.config, self.cp_size, pad_id=self.pad_id,
+                                        cost=self.cost_model)
+        valid = valid_rows(layout, self.cp_rank, doc.numel())
         cache = CPKVCache(valid_len=valid, owner=self.cp_rank == self.cp_size - 1, reserve=reserve,
                           complete=self.cp_size == 1)
-        table_len = layout.block_len * self.cp_size + layout.anchor_len + 1
+        table_len = layout.padded_len(self.cp_size) + layout.anchor_len + 1
         hooks = self._progress_hooks("prefill")
         try:
             self._barrier()
@@ -211,8 +240,8 @@ class APBEngine:
         (returns None), for ranks that will not decode."""
         if self.cp_size == 1:
             return cache
-        block = layout.block_len
-        valid = [max(0, min(block, n_doc - layout.block_start(r))) for r in range(self.cp_size)]
+        block = layout.block_len  # the longest block: every rank's travels padded to it
+        valid = [valid_rows(layout, r, n_doc) for r in range(self.cp_size)]
         room = cache.reserve if reserve is None else reserve
         full = CPKVCache(valid_len=n_doc, owner=True, reserve=room, complete=True) if keep else None
         for layer in cache.layers():

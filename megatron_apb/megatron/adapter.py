@@ -37,9 +37,14 @@ class MegatronAdapter:
 
     def run_layers(self, hidden: Tensor, context: ForwardContext) -> Tensor:
         """The decoder with ``context``; without a rotary table in it, the table covers
-        ``rows x CP`` positions, as ``GPTModel.forward`` would give."""
+        ``rows x CP`` positions, as ``GPTModel.forward`` would give, or the layout's whole
+        document when the context has one (its blocks may differ in length)."""
         if context.rotary_table is None:
-            context.rotary_table = self.rotary_table(hidden.shape[0] * self.model.config.context_parallel_size)
+            length = hidden.shape[0] * self.model.config.context_parallel_size
+            if context.layout is not None:
+                cp = self.model.config.context_parallel_size
+                length = max(length, context.layout.padded_len(cp) + context.layout.anchor_len + 1)
+            context.rotary_table = self.rotary_table(length)
         return self.model.decoder(hidden_states=hidden, attention_mask=None, inference_context=context)
 
     def rotary_table(self, length: int) -> Optional[Tensor]:

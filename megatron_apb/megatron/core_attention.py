@@ -23,7 +23,7 @@ import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 
-from ..comm import collective_device, group_rank, group_size
+from ..comm import collective_device, group_rank, group_size, is_emulated
 from ..compress import RetainingHead, ScoreInputs, init_retaining_head_, score_block
 from ..config import APBConfig, CPLayout
 from ..errors import APBConfigError, PeerRankError
@@ -145,14 +145,15 @@ class APBCoreAttention(MegatronModule):
             )
         if ctx.is_decode:
             return self._decode(query, key, value, ctx, cfg, rotary_pos_emb)
-        cp, rank = group_size(self.cp_group), group_rank(self.cp_group)
+        cp_group = ctx.cp_group if ctx.cp_group is not None else self.cp_group
+        cp, rank = group_size(cp_group), group_rank(cp_group)
         if cp > 1 and torch.is_grad_enabled() and query.requires_grad:
             raise RuntimeError(
                 "APB context-parallel attention is an inference path without gradients; "
                 "run the forward under torch.no_grad() or torch.inference_mode()"
             )
         seq = query.shape[0]
-        layout = self._checked_layout(ctx, cfg, seq, rank, cp, query.device)
+        layout = self._checked_layout(ctx, cfg, seq, rank, cp_group, query.device)
         # Megatron's [s, b, h, d] -> flash-style [b, s, h, d]
         q_pre, k_pre, v = (t.transpose(0, 1) for t in (query, key, value))
         q, k = self._rotate(q_pre, k_pre, ctx, rotary_pos_emb, lambda: rope_positions(layout, rank), cp)
@@ -170,7 +171,7 @@ class APBCoreAttention(MegatronModule):
             ))
 
         out = algorithm.attention(
-            q, k, v, layout=layout, group=self.cp_group, scorer=scorer,
+            q, k, v, layout=layout, group=cp_group, scorer=scorer,
             softmax_scale=self.softmax_scale, local_only=ctx.local_only,
             backend=cfg.local_backend(self.layer_number, self.num_heads, self.config.num_layers),
         )
@@ -222,7 +223,7 @@ class APBCoreAttention(MegatronModule):
         return apply_rope(q, freqs, self.rotary_interleaved), apply_rope(k, freqs, self.rotary_interleaved)
 
     # ------------------------------------------------------------------ layout
-    def _layout(self, ctx, cfg, seq_len: int) -> CPLayout:
+    def _layout(self, ctx, cfg, seq_len: int, cp: int) -> CPLayout:
         """The layout of this forward: the context's, else derived from the length.
 
         Exact modes, and any mode on one rank, need no layout: every rank holds one block of
@@ -230,8 +231,8 @@ class APBCoreAttention(MegatronModule):
         rank 0 holds no anchor and the ranks must agree on the block length.
         """
         if ctx.layout is not None:
+            ctx.layout.check_ranks(cp)
             return ctx.layout
-        cp = group_size(self.cp_group)
         if not cfg.uses_anchor or cp == 1:
             return cfg.layout(seq_len, cp_size=cp)
         raise APBConfigError(
@@ -240,7 +241,7 @@ class APBCoreAttention(MegatronModule):
             "ForwardContext.prefill(layout) to the forward (megatron_apb.megatron.MegatronAdapter)"
         )
 
-    def _checked_layout(self, ctx, cfg, seq, rank, cp, device):
+    def _checked_layout(self, ctx, cfg, seq, rank, cp_group, device):
         """The layout, after every CP rank agreed that its input fits (no rank is left
         waiting in a collective when another rejects its input).
 
@@ -249,21 +250,21 @@ class APBCoreAttention(MegatronModule):
         """
         if ctx.checked is not None and ctx.checked[0] == seq:
             return ctx.checked[1]
-        error, layout = None, None
+        error, layout, cp = None, None, group_size(cp_group)
         try:
-            layout = self._layout(ctx, cfg, seq)
-            expected = layout.local_len(rank) if cfg.uses_anchor else layout.block_len
+            layout = self._layout(ctx, cfg, seq, cp)
+            expected = layout.local_len(rank) if cfg.uses_anchor else layout.block_len_on(rank)
             if seq != expected:
                 error = APBConfigError(
                     f"context-parallel rank {rank} got {seq} rows but the layout expects "
-                    f"{expected} (anchor {layout.anchor_len_on(rank)} + block "
-                    f"{layout.block_len}); shard the prompt with "
+                    f"{expected} (anchor {layout.anchor_len_on(rank) if cfg.uses_anchor else 0} + block "
+                    f"{layout.block_len_on(rank)}); shard the prompt with "
                     "megatron_apb.layout.shard_document and use the same layout on every rank"
                 )
         except APBConfigError as exc:
             error = exc
-        if cp > 1:
-            peer_error = agree_on_layout(layout if error is None else None, self.cp_group, device)
+        if cp > 1 and not is_emulated(cp_group):
+            peer_error = agree_on_layout(layout if error is None else None, cp_group, device)
             if error is None and peer_error:
                 error = PeerRankError(f"context-parallel rank {rank}: {peer_error}; see the other ranks' errors")
         if error is not None:
@@ -276,10 +277,12 @@ def agree_on_layout(layout, group, device) -> Optional[str]:
     """All-reduce over the CP group whether every rank accepted its input and holds the
     same layout.  ``layout`` is None on a rank that rejected its input.  Returns a
     description of the problem, or None when all agree."""
+    # per-rank blocks enter as their count and a position-weighted sum (equal blocks: 0, 0)
     fields = (
-        [0, layout.block_len, layout.anchor_len, layout.passing_len, layout.query_len]
+        [0, layout.block_len, layout.anchor_len, layout.passing_len, layout.query_len,
+         len(layout.block_lens), sum((r + 1) * n for r, n in enumerate(layout.block_lens))]
         if layout is not None
-        else [1, 0, 0, 0, 0]
+        else [1, 0, 0, 0, 0, 0, 0]
     )
     x = torch.tensor(fields + [-f for f in fields], dtype=torch.int64, device=collective_device(group, device))
     torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX, group=group)
@@ -289,6 +292,6 @@ def agree_on_layout(layout, group, device) -> Optional[str]:
     if top != bottom:
         return (
             "context-parallel ranks disagree on the layout (block, anchor, passing, query "
-            f"lengths range over {bottom[1:]}..{top[1:]}); give every rank the same layout"
+            f"lengths, per-rank blocks range over {bottom[1:]}..{top[1:]}); give every rank the same layout"
         )
     return None

@@ -34,7 +34,7 @@ def rope_positions(layout, rank: int, device=None) -> Tensor:
     """Positions of rank ``rank``'s rows: anchor 0..a-1, then its block's global positions."""
     anchor = torch.arange(layout.anchor_len_on(rank), device=device)
     start = layout.block_start(rank)
-    block = torch.arange(start, start + layout.block_len, device=device)
+    block = torch.arange(start, start + layout.block_len_on(rank), device=device)
     return torch.cat([anchor, block])
 
 

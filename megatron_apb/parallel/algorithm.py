@@ -4,8 +4,8 @@ Each algorithm module (``apb.py``, ``exact.py``, ``ulysses.py``) registers a
 :class:`CPAlgorithm` in :data:`megatron_apb.registry.ALGORITHMS` under the name users
 give as ``APBConfig.mode``; the core attention looks it up by that name and calls
 ``algorithm.attention(...)`` with one signature for all.  Its traits (``uses_anchor``,
-``passes_blocks``, ``exact``) are what the rest of the package asks, instead of comparing
-mode names.
+``passes_blocks``, ``exact``, ``equal_blocks``) are what the rest of the package asks,
+instead of comparing mode names.
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ class CPAlgorithm:
         uses_anchor: ranks >= 1 hold an anchor before their block (APB, Star).
         passes_blocks: ranks score their block and pass the top tokens to later ranks.
         exact: the result equals full causal attention.
+        equal_blocks: every rank must hold the same number of rows (all-to-all
+            re-sharding); ``APBConfig.partition="balanced"`` then splits equally.
         description: one line for ``--help`` and docs.
     """
 
@@ -62,6 +64,7 @@ class CPAlgorithm:
     uses_anchor: bool = False
     passes_blocks: bool = False
     exact: bool = True
+    equal_blocks: bool = False
     description: str = ""
 
 

@@ -53,10 +53,10 @@ def apb_context_attention(
     """
     rank, world = group_rank(group), group_size(group)
     la = layout.anchor_len_on(rank)
-    if q.shape[1] != la + layout.block_len:
+    if q.shape[1] != la + layout.block_len_on(rank):
         raise ValueError(
             f"rank {rank} holds {q.shape[1]} rows but the layout says anchor {la} + block "
-            f"{layout.block_len}; shard the prompt with the same layout on every rank"
+            f"{layout.block_len_on(rank)}; shard the prompt with the same layout on every rank"
         )
     passing = layout.passing_len if world > 1 else 0
     passing_fn = None

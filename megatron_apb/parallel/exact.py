@@ -1,7 +1,8 @@
 """Exact context parallelism by all-gathering every rank's K/V ("all-gather CP").
 
 Rank r attends causally to its own block and, unmasked, to the blocks of ranks < r,
-gathered while it computes its own part; the two are merged by log-sum-exp.
+gathered while it computes its own part; the two are merged by log-sum-exp.  The blocks
+may differ in length (a balanced partition gives the earlier ranks more).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Optional
 import torch
 
 from ..comm import all_gather_async, group_rank
+from ..config import CPLayout
 from ..ops.attention import attention_with_lse
 from ..ops.merge import merge_attention
 from .algorithm import CPAlgorithm, register_algorithm
@@ -24,20 +26,31 @@ def exact_context_attention(
     v: Tensor,
     *,
     group,
+    layout: Optional[CPLayout] = None,
     softmax_scale: Optional[float] = None,
     backend: str = "auto",
     local_only: bool = False,
     **unused,
 ) -> Tensor:
-    """Exact attention for contiguous blocks; q, k, v [batch, block, heads, head_dim]."""
+    """Exact attention for contiguous blocks; q, k, v [batch, block, heads, head_dim].
+
+    Blocks of unequal lengths (``layout.block_lens``, a balanced partition) travel padded
+    to the longest and are cut back to each rank's length after the gather."""
     rank = group_rank(group)
     kw = dict(softmax_scale=softmax_scale, backend=backend)
-    pending = all_gather_async(torch.cat([k, v], dim=-1), group, local_only=local_only)
+    kv = torch.cat([k, v], dim=-1)
+    unequal = layout is not None and not layout.equal
+    if unequal and kv.shape[1] < layout.block_len:
+        kv = torch.cat([kv, kv.new_zeros((kv.shape[0], layout.block_len - kv.shape[1]) + tuple(kv.shape[2:]))], dim=1)
+    pending = all_gather_async(kv, group, local_only=local_only)
     own = attention_with_lse(q, k, v, causal=True, **kw)
     gathered = pending.wait()  # [world, batch, block, kv_heads, 2*head_dim]
     if rank == 0:
         return own[0]
-    earlier = gathered[:rank].permute(1, 0, 2, 3, 4).flatten(1, 2)
+    if unequal:
+        earlier = torch.cat([gathered[r, :, : layout.block_len_on(r)] for r in range(rank)], dim=1)
+    else:
+        earlier = gathered[:rank].permute(1, 0, 2, 3, 4).flatten(1, 2)
     pk, pv = earlier.chunk(2, dim=-1)
     ctx = attention_with_lse(q, pk, pv, causal=False, **kw)
     return merge_attention([own[0], ctx[0]], [own[1], ctx[1]])[0]

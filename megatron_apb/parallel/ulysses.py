@@ -49,6 +49,6 @@ def ulysses_attention(
 
 
 register_algorithm(CPAlgorithm(
-    name="ulysses", attention=ulysses_attention, exact=True,
+    name="ulysses", attention=ulysses_attention, exact=True, equal_blocks=True,
     description="all-to-all head parallelism (exact)",
 ))
