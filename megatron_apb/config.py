@@ -16,6 +16,7 @@ variables are all generated from :func:`dataclasses.fields` (see
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -26,6 +27,9 @@ from .registry import ALGORITHMS, COMPRESSORS
 
 #: attention kernels of :func:`megatron_apb.ops.attention.attention_with_lse`
 BACKENDS = ("auto", "sdpa", "cudnn", "flash", "efficient", "flex", "math", "reference")
+#: KV-cache compression after the prefill (``kv_compress``) and its score pooling
+KV_COMPRESSORS = ("none", "snapkv")
+KV_POOLS = ("avg", "max")
 #: the dtype names every command accepts
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -75,6 +79,16 @@ class APBConfig:
             (:func:`megatron_apb.ops.fused.fused_rope`) instead of PyTorch's chain of five
             kernels (on by default; the same math runs eagerly on CPU); non-interleaved,
             whole-head rotary only (otherwise the chain runs).
+        kv_compress: ``"snapkv"``: at the end of the prefill every layer's cache keeps, per
+            KV head, the tokens the document's last ``kv_window`` queries attend to most,
+            plus the window itself (:mod:`megatron_apb.ops.snapkv`); ``"none"``: all.
+        kv_budget, kv_budget_ratio: tokens kept per sequence (the window included), or the
+            document's fraction kept (at least the window); give exactly one with snapkv.
+        kv_window: the observation window (positions at the document's end).
+        kv_pool, kv_pool_kernel: the 1-D pooling of the scores (``avg`` or ``max``, odd
+            width; 1 disables it).
+        prefill_chunk: rows per chunk of the projections and the MLP in a prefill longer
+            than it, so their activations stay bounded (0: never chunk).
     """
 
     mode: str = _option(
@@ -93,6 +107,14 @@ class APBConfig:
     backend: str = _option("auto", "attention kernel", choices=BACKENDS)
     seed: int = _option(0, "seed of the random compressor and of fresh retaining heads")
     fused_rope: bool = _option(True, "rotary embedding as one kernel on CUDA")
+    kv_compress: str = _option(
+        "none", "KV-cache compression after the prefill: none or snapkv", choices=KV_COMPRESSORS)
+    kv_budget: Optional[int] = _option(None, "tokens the compressed cache keeps per sequence")
+    kv_budget_ratio: Optional[float] = _option(None, "the document's fraction the compressed cache keeps")
+    kv_window: int = _option(32, "SnapKV observation window (last document positions)")
+    kv_pool: str = _option("avg", "pooling of the SnapKV scores: avg or max", choices=KV_POOLS)
+    kv_pool_kernel: int = _option(7, "width of the SnapKV score pooling (odd; 1 disables it)")
+    prefill_chunk: int = _option(32768, "rows per chunk of the projections and MLP in long prefills (0: off)")
 
     def __post_init__(self):
         ALGORITHMS.get(self.mode)
@@ -127,6 +149,7 @@ class APBConfig:
                 f"retaining_head_hidden must be >= 1, got {self.retaining_head_hidden}",
                 field="retaining_head_hidden",
             )
+        self._check_kv_compression()
         algorithm = self.algorithm
         if algorithm.uses_anchor and not algorithm.passes_blocks and self.passing_len not in (None, 0):
             raise APBConfigError(
@@ -140,6 +163,43 @@ class APBConfig:
                 f"{self.anchor_len}; leave anchor_len unset or use mode='apb'/'star'",
                 field="anchor_len",
             )
+
+    def _check_kv_compression(self):
+        _one_of("kv_compress", self.kv_compress, KV_COMPRESSORS)
+        _one_of("kv_pool", self.kv_pool, KV_POOLS)
+        for name in ("kv_window", "kv_pool_kernel", "prefill_chunk"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise APBConfigError(f"{name} must be a non-negative int, got {value!r}", field=name)
+        if self.kv_pool_kernel < 1 or self.kv_pool_kernel % 2 == 0:
+            raise APBConfigError(f"kv_pool_kernel must be an odd int >= 1 (1 disables pooling), "
+                                 f"got {self.kv_pool_kernel}", field="kv_pool_kernel")
+        budget, ratio = self.kv_budget, self.kv_budget_ratio
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
+            raise APBConfigError(f"kv_budget must be a positive int (tokens kept), got {budget!r}", field="kv_budget")
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
+                                  or not 0.0 < ratio <= 1.0):
+            raise APBConfigError(f"kv_budget_ratio must lie in (0, 1], got {ratio!r}", field="kv_budget_ratio")
+        if self.kv_compress == "none":
+            if budget is not None or ratio is not None:
+                name = "kv_budget" if budget is not None else "kv_budget_ratio"
+                raise APBConfigError(f"{name} is set but kv_compress='none': set kv_compress='snapkv' "
+                                     f"or leave {name} unset", field="kv_compress")
+            return
+        if (budget is None) == (ratio is None):
+            raise APBConfigError(f"kv_compress={self.kv_compress!r} needs exactly one of kv_budget (tokens) "
+                                 "and kv_budget_ratio (fraction of the document)", field="kv_budget")
+        if self.kv_window < 1:
+            raise APBConfigError(f"kv_window must be >= 1, got {self.kv_window}", field="kv_window")
+        if budget is not None and budget < self.kv_window:
+            raise APBConfigError(f"kv_budget ({budget}) must be >= kv_window ({self.kv_window}): the "
+                                 "window is always kept; raise kv_budget or lower kv_window", field="kv_budget")
+
+    def kv_budget_for(self, doc_len: int) -> int:
+        """Tokens the compressed cache keeps of a ``doc_len``-token document (at most all)."""
+        if self.kv_budget is not None:
+            return min(self.kv_budget, doc_len)
+        return min(doc_len, max(self.kv_window, math.ceil(self.kv_budget_ratio * doc_len)))
 
     @property
     def algorithm(self):
