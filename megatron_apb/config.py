@@ -11,6 +11,9 @@ variables are all generated from :func:`dataclasses.fields` (see
 :mod:`megatron_apb.configargs`), so a new field appears in every front-end at once.
 ``mode`` and ``compressor`` are checked against the registries
 (:data:`megatron_apb.registry.ALGORITHMS`, :data:`~megatron_apb.registry.COMPRESSORS`).
+
+The module is above 400 lines because every field's validation stays next to the field
+(one place to read what a setting accepts), with the layout rules and their advice.
 """
 
 from __future__ import annotations

@@ -78,12 +78,20 @@ def chunked_prefill(rank, world, n_doc, chunk):
     results = []
     for cfg in (APBConfig(mode="exact", prefill_chunk=chunk), APBConfig(mode="exact", prefill_chunk=0)):
         model = _model(cfg, 1, world, pg)
-        calls = []
+        calls = {"mlp": 0, "qkv": 0, "norm": 0, "proj": 0}
+
+        def count(name):
+            def hook(*args):
+                calls[name] += 1
+            return hook
+
         for layer in model.decoder.layers:
-            layer.mlp.register_forward_hook(lambda *a: calls.append(1))
-            layer.self_attention.linear_qkv.register_forward_hook(lambda *a: calls.append(0))
+            layer.mlp.register_forward_hook(count("mlp"))
+            layer.self_attention.linear_qkv.register_forward_hook(count("qkv"))
+            layer.self_attention.linear_proj.register_forward_hook(count("proj"))
+            layer.input_layernorm.register_forward_hook(count("norm"))
         with torch.no_grad():
             logits = MegatronAdapter(model).forward_logits(doc[None], ForwardContext.prefill())
-        results.append((logits, sum(calls), len(calls) - sum(calls)))
-    (a, mlp_a, qkv_a), (b, mlp_b, qkv_b) = results
-    return (a - b).abs().max().item(), b.abs().max().item(), (mlp_a, qkv_a), (mlp_b, qkv_b)
+        results.append((logits, calls))
+    (a, calls_a), (b, calls_b) = results
+    return (a - b).abs().max().item(), b.abs().max().item(), calls_a, calls_b

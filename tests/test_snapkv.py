@@ -146,6 +146,29 @@ def test_chunked_prefill_equals_unchunked():
     from tests.snapkv_workers import chunked_prefill
 
     err, scale, chunked, whole = run_distributed(chunked_prefill, 1, 23, 5)[0]
-    assert chunked == (2 * 5, 2 * 5) and whole == (2, 2)  # 2 layers: 5 chunks of <= 5 rows each
+    # 2 layers, 5 chunks of <= 5 rows each: the norm, the projections and the MLP ran per chunk
+    assert chunked == dict(mlp=10, qkv=10, norm=10, proj=10) and whole == dict(mlp=2, qkv=2, norm=2, proj=2)
     # each row's math is unchanged; only the matmul's blocking over rows may round differently
     assert err <= 1e-6 * scale
+
+
+def test_memory_plan_for_a_million_tokens():
+    from megatron_apb.inference.memory import GIB, ModelShape, check_memory_plan, memory_plan
+
+    llama8b = ModelShape(layers=32, hidden=4096, heads=32, kv_heads=8, ffn=14336, vocab=128256)
+    assert llama8b.weights() == 8_030_261_248  # Llama-3-8B's published parameter count
+    n, h200 = 1 << 20, 139 * GIB
+    whole = memory_plan(llama8b, n, reserve=0)
+    assert whole["kv_cache"] == 128 * GIB  # 32 layers x K,V x 8 heads x 128 x 2 bytes x 1M
+    with pytest.raises(APBConfigError, match="--kv-budget") as err:
+        check_memory_plan(whole, h200)
+    assert err.value.field == "kv_budget"
+    snap = memory_plan(llama8b, n, kv_budget=4096)
+    check_memory_plan(snap, h200)  # fits
+    assert snap["kv_layer_full"] == 4 * GIB and snap["total"] < whole["total"] - 100 * GIB
+    with pytest.raises(APBConfigError, match="--prefill-chunk"):
+        check_memory_plan(memory_plan(llama8b, n, kv_budget=4096, prefill_chunk=0), h200)
+    # chunking bounds the MLP's share: doubling the length doubles only the per-row parts
+    small, big = (memory_plan(llama8b, m, kv_budget=4096)["activations"] for m in (1 << 19, 1 << 20))
+    per_row = 2 * (2 * 4096 + 3 * (4096 + 1024)) + 32 * 4
+    assert big - small == per_row * (1 << 19)

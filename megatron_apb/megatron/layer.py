@@ -5,7 +5,8 @@ A prefill of ``s`` rows makes activations of ``s x ffn_hidden x 2`` in the MLP (
 <megatron_apb.config.APBConfig.prefill_chunk>` rows per chunk the MLP (its norm, both
 projections, the residual add) runs one chunk at a time into one output, so its
 temporaries are ``chunk x ffn_hidden`` whatever the length; the QKV and output projections
-are chunked the same way in :class:`~megatron_apb.megatron.self_attention.APBSelfAttention`.
+are chunked the same way in :class:`~megatron_apb.megatron.self_attention.APBSelfAttention`,
+with the input norm applied per chunk before them.
 Every row's math is unchanged (each row of a linear layer, a norm and an activation
 depends on that row only), so the output equals the unchunked layer's.
 
@@ -47,6 +48,24 @@ class APBTransformerLayer(TransformerLayer):
         if apb_config is None:
             return 0
         return prefill_chunk(inference_context, apb_config, hidden_states.shape[0], self.config)
+
+    def _forward_attention(self, hidden_states, *args, **kwargs):
+        """In a chunked prefill the input norm runs per chunk inside the QKV projection
+        (its output never exists for all rows); otherwise Megatron's own."""
+        chunk = 0 if args else self._chunk(hidden_states, kwargs.get("inference_context"))
+        plain = (isinstance(self.cross_attention, IdentityOp) and isinstance(self.pre_cross_attn_layernorm, IdentityOp)
+                 and not self.recompute_input_layernorm and not getattr(self, "offload_attn_norm", False)
+                 and kwargs.get("context") is None)
+        if not chunk or not plain:
+            return super()._forward_attention(hidden_states, *args, **kwargs)
+        names = ("attention_mask", "inference_context", "rotary_pos_emb", "rotary_pos_cos", "rotary_pos_sin",
+                 "rotary_pos_cos_sin", "attention_bias", "packed_seq_params", "sequence_len_offset")
+        out_with_bias = self.self_attention(hidden_states, input_norm=self.input_layernorm,
+                                            **{k: kwargs[k] for k in names if k in kwargs})
+        with self.bias_dropout_add_exec_handler():
+            hidden_states = self.self_attn_bda(self.training, self.config.bias_dropout_fusion)(
+                out_with_bias, hidden_states, self.hidden_dropout)
+        return hidden_states, kwargs.get("context")
 
     def _forward_mlp(self, hidden_states, inference_context=None, padding_mask=None):
         chunk = self._chunk(hidden_states, inference_context)

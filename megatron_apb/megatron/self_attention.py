@@ -57,9 +57,13 @@ class APBSelfAttention(SelfAttention):
         sequence_len_offset=None,
         *,
         inference_params=None,
+        input_norm=None,
         **unused,
     ):
-        """[s, b, hidden] -> (output [s, b, hidden], bias), like Megatron's."""
+        """[s, b, hidden] -> (output [s, b, hidden], bias), like Megatron's.
+
+        ``input_norm``: a norm to apply to ``hidden_states`` first (a chunked prefill
+        applies it chunk by chunk, see :class:`~megatron_apb.megatron.layer.APBTransformerLayer`)."""
         ctx = inference_context if inference_context is not None else inference_params
         if ctx is not None and not isinstance(ctx, ForwardContext):
             raise APBConfigError(
@@ -78,8 +82,10 @@ class APBSelfAttention(SelfAttention):
         chunk = 0 if gated else prefill_chunk(ctx, self.core_attention.apb_config, hidden_states.shape[0],
                                               self.config)
         if chunk:
-            query, key, value = self._chunked_qkv(hidden_states, chunk)
+            query, key, value = self._chunked_qkv(hidden_states, chunk, input_norm)
         else:
+            if input_norm is not None:
+                hidden_states = input_norm(hidden_states)
             qkv = self.get_query_key_value_tensors(hidden_states, None, split_qkv=True, output_gate=gated)
             query, key, value = qkv[:3]
         out = self.core_attention(
@@ -94,12 +100,14 @@ class APBSelfAttention(SelfAttention):
             return self._chunked_proj(out, chunk)
         return self.linear_proj(out)
 
-    def _chunked_qkv(self, hidden_states, chunk):
-        """Megatron's QKV projection over ``chunk`` rows at a time, into q [s, b, heads, d]
-        and k, v [s, b, kv_heads, d]: the mixed projection never exists for all rows."""
+    def _chunked_qkv(self, hidden_states, chunk, input_norm=None):
+        """(``input_norm`` and) Megatron's QKV projection over ``chunk`` rows at a time, into
+        q [s, b, heads, d] and k, v [s, b, kv_heads, d]: the mixed projection never exists
+        for all rows."""
         rows, parts = hidden_states.shape[0], None
         for start in range(0, rows, chunk):
-            qkv = self.get_query_key_value_tensors(hidden_states[start : start + chunk], None, split_qkv=True)
+            x = hidden_states[start : start + chunk]
+            qkv = self.get_query_key_value_tensors(x if input_norm is None else input_norm(x), None, split_qkv=True)
             if parts is None:
                 parts = [x.new_empty((rows,) + tuple(x.shape[1:])) for x in qkv[:3]]
             for whole, x in zip(parts, qkv[:3]):
