@@ -33,6 +33,8 @@ BACKENDS = ("auto", "sdpa", "cudnn", "flash", "efficient", "flex", "math", "refe
 #: KV-cache compression after the prefill (``kv_compress``) and its score pooling
 KV_COMPRESSORS = ("none", "snapkv")
 KV_POOLS = ("avg", "max")
+#: tokens SnapKV keeps when neither kv_budget nor kv_budget_ratio is given
+DEFAULT_KV_BUDGET = 4096
 #: the dtype names every command accepts
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -85,8 +87,10 @@ class APBConfig:
         kv_compress: ``"snapkv"``: at the end of the prefill every layer's cache keeps, per
             KV head, the tokens the document's last ``kv_window`` queries attend to most,
             plus the window itself (:mod:`megatron_apb.ops.snapkv`); ``"none"``: all.
+            ``None`` (default): snapkv when a budget is given, else none.
         kv_budget, kv_budget_ratio: tokens kept per sequence (the window included), or the
-            document's fraction kept (at least the window); give exactly one with snapkv.
+            document's fraction kept (at least the window); at most one (neither:
+            ``DEFAULT_KV_BUDGET`` tokens).
         kv_window: the observation window (positions at the document's end).
         kv_pool, kv_pool_kernel: the 1-D pooling of the scores (``avg`` or ``max``, odd
             width; 1 disables it).
@@ -110,8 +114,9 @@ class APBConfig:
     backend: str = _option("auto", "attention kernel", choices=BACKENDS)
     seed: int = _option(0, "seed of the random compressor and of fresh retaining heads")
     fused_rope: bool = _option(True, "rotary embedding as one kernel on CUDA")
-    kv_compress: str = _option(
-        "none", "KV-cache compression after the prefill: none or snapkv", choices=KV_COMPRESSORS)
+    kv_compress: Optional[str] = _option(
+        None, "KV-cache compression after the prefill: snapkv or none (default: snapkv when a kv budget is set)",
+        choices=KV_COMPRESSORS)
     kv_budget: Optional[int] = _option(None, "tokens the compressed cache keeps per sequence")
     kv_budget_ratio: Optional[float] = _option(None, "the document's fraction the compressed cache keeps")
     kv_window: int = _option(32, "SnapKV observation window (last document positions)")
@@ -168,7 +173,8 @@ class APBConfig:
             )
 
     def _check_kv_compression(self):
-        _one_of("kv_compress", self.kv_compress, KV_COMPRESSORS)
+        if self.kv_compress is not None:
+            _one_of("kv_compress", self.kv_compress, KV_COMPRESSORS)
         _one_of("kv_pool", self.kv_pool, KV_POOLS)
         for name in ("kv_window", "kv_pool_kernel", "prefill_chunk"):
             value = getattr(self, name)
@@ -189,19 +195,29 @@ class APBConfig:
                 raise APBConfigError(f"{name} is set but kv_compress='none': set kv_compress='snapkv' "
                                      f"or leave {name} unset", field="kv_compress")
             return
-        if (budget is None) == (ratio is None):
-            raise APBConfigError(f"kv_compress={self.kv_compress!r} needs exactly one of kv_budget (tokens) "
-                                 "and kv_budget_ratio (fraction of the document)", field="kv_budget")
+        if budget is not None and ratio is not None:
+            raise APBConfigError("give one of kv_budget (tokens) and kv_budget_ratio (fraction of the "
+                                 "document), not both", field="kv_budget")
+        if not self.compresses_kv:
+            return
         if self.kv_window < 1:
             raise APBConfigError(f"kv_window must be >= 1, got {self.kv_window}", field="kv_window")
+        budget = DEFAULT_KV_BUDGET if budget is None and ratio is None else budget
         if budget is not None and budget < self.kv_window:
             raise APBConfigError(f"kv_budget ({budget}) must be >= kv_window ({self.kv_window}): the "
                                  "window is always kept; raise kv_budget or lower kv_window", field="kv_budget")
 
+    @property
+    def compresses_kv(self) -> bool:
+        """Whether the prefill compresses the KV cache (SnapKV)."""
+        if self.kv_compress is None:
+            return self.kv_budget is not None or self.kv_budget_ratio is not None
+        return self.kv_compress == "snapkv"
+
     def kv_budget_for(self, doc_len: int) -> int:
         """Tokens the compressed cache keeps of a ``doc_len``-token document (at most all)."""
-        if self.kv_budget is not None:
-            return min(self.kv_budget, doc_len)
+        if self.kv_budget is not None or self.kv_budget_ratio is None:
+            return min(self.kv_budget or DEFAULT_KV_BUDGET, doc_len)
         return min(doc_len, max(self.kv_window, math.ceil(self.kv_budget_ratio * doc_len)))
 
     @property

@@ -96,13 +96,13 @@ def test_budget_split_and_plan():
 @pytest.mark.parametrize("kwargs, field", [
     (dict(kv_compress="snapkv", kv_budget=0), "kv_budget"),
     (dict(kv_compress="snapkv", kv_budget=16, kv_window=32), "kv_budget"),
-    (dict(kv_compress="snapkv"), "kv_budget"),
+    (dict(kv_budget=16), "kv_budget"),  # with kv_window's default 32
     (dict(kv_compress="snapkv", kv_budget=64, kv_budget_ratio=0.1), "kv_budget"),
     (dict(kv_compress="snapkv", kv_budget_ratio=0.0), "kv_budget_ratio"),
     (dict(kv_compress="snapkv", kv_budget=64, kv_pool_kernel=4), "kv_pool_kernel"),
     (dict(kv_compress="snapkv", kv_budget=64, kv_pool="median"), "kv_pool"),
     (dict(kv_compress="h2o"), "kv_compress"),
-    (dict(kv_budget=64), "kv_compress"),
+    (dict(kv_compress="none", kv_budget=64), "kv_compress"),
     (dict(prefill_chunk=-1), "prefill_chunk"),
 ])
 def test_bad_compression_settings_name_the_field(kwargs, field):
@@ -111,9 +111,12 @@ def test_bad_compression_settings_name_the_field(kwargs, field):
     assert err.value.field == field and field in str(err.value)
 
 
-def test_budget_ratio():
+def test_budget_settings():
     cfg = APBConfig(kv_compress="snapkv", kv_budget_ratio=0.1, kv_window=8)
     assert cfg.kv_budget_for(1000) == 100 and cfg.kv_budget_for(20) == 8 and cfg.kv_budget_for(5) == 5
+    assert APBConfig(kv_budget=64).compresses_kv and APBConfig(kv_budget_ratio=0.5).compresses_kv
+    assert APBConfig(kv_compress="snapkv").kv_budget_for(10**6) == 4096  # the default budget
+    assert not APBConfig().compresses_kv and not APBConfig(kv_compress="none").compresses_kv
 
 
 @pytest.mark.parametrize("world", [1, 2])

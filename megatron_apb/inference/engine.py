@@ -57,7 +57,7 @@ class GenerationResult:
 def kv_plan(config: APBConfig, doc_len: int, block_len: int, cp_size: int) -> Optional[SnapKVPlan]:
     """What the prefill of a ``doc_len``-token document keeps (None: every token), checked
     against the document before any work, with errors naming the field to change."""
-    if config.kv_compress == "none":
+    if not config.compresses_kv:
         return None
     if config.kv_window > doc_len:
         raise APBConfigError(
@@ -187,7 +187,7 @@ class APBEngine:
     def prefill(self, document_ids, query_ids, *, local_only: bool = False, reserve: int = 256):
         """Run the distributed prefill; returns (cache, layout, n_doc, seconds).
 
-        With ``kv_compress='snapkv'`` in the config, every layer's cache keeps only the
+        With KV compression in the config (``kv_compress='snapkv'`` or a ``kv_budget``), every layer's cache keeps only the
         tokens of :func:`kv_plan` (the same count for each layer and KV head, at their
         original positions); decoding then reads the compressed cache.
 
