@@ -51,8 +51,11 @@ def snapkv_generation(rank, world, n_doc, n_new):
         kept = {layer: _rows_of(cache.get(layer)[0], full_cache.get(layer)[0]) for layer in cache.layers()}
         res = engine.generate(doc, query, sampling)
         local = engine.generate(doc, query, sampling, local_decode=True)
+        batch = engine.generate_batch([(doc, query), (doc[:-3], query)], sampling)  # ragged compressed caches
+        alone = engine.generate(doc[:-3], query, sampling).output_ids
         out[(window, budget)] = dict(
-            tokens=res.output_ids, local=local.output_ids, sizes=[cache.get(l)[0].shape[1] for l in cache.layers()],
+            tokens=res.output_ids, local=local.output_ids, batch=[r.output_ids for r in batch],
+            alone=[res.output_ids, alone], sizes=[cache.get(l)[0].shape[1] for l in cache.layers()],
             share=plan.kept[rank], total=sum(plan.kept), kept=kept, valid=plan.valid(rank),
             window_rows=max(0, min(plan.valid(rank), n_doc - rank * layout.block_len)
                             - max(0, plan.window_start - rank * layout.block_len)))

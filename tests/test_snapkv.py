@@ -140,6 +140,7 @@ def test_snapkv_generation(world):
                     w = small["window_rows"]
                     assert rows[len(rows) - w :] == list(range(small["valid"] - w, small["valid"]))
             assert len(small["tokens"]) == n_new and small["local"] == small["tokens"]
+            assert small["batch"] == small["alone"]  # decoded together: each as alone
         name, field, message = res["long_window"]
         assert name == "APBConfigError" and field == "kv_window" and "kv_window" in message
     assert all(res["plain"] == results[0]["plain"] for res in results)

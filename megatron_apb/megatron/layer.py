@@ -39,10 +39,11 @@ class APBTransformerLayer(TransformerLayer):
     """``TransformerLayer`` whose MLP runs over chunks of rows in a long prefill."""
 
     def _chunk(self, hidden_states, inference_context) -> int:
-        if (self.is_moe_layer or isinstance(self.mlp, IdentityOp) or self.recompute_mlp
-                or self.recompute_pre_mlp_layernorm or getattr(self, "offload_mlp_norm", False)
-                or getattr(self.config, "inference_fuse_tp_communication", False)):
-            return 0
+        flags = ("is_moe_layer", "recompute_mlp", "recompute_pre_mlp_layernorm", "offload_mlp_norm")
+        if (any(getattr(self, name, False) for name in flags) or isinstance(self.mlp, IdentityOp)
+                or getattr(self.config, "inference_fuse_tp_communication", False)
+                or not hasattr(self, "_forward_pre_mlp_layernorm") or not hasattr(self, "_forward_post_mlp")):
+            return 0  # anything but a plain layer (of the Megatron-Core versions this was built on)
         core = getattr(self.self_attention, "core_attention", None)
         apb_config = getattr(core, "apb_config", None)
         if apb_config is None:
@@ -54,7 +55,8 @@ class APBTransformerLayer(TransformerLayer):
         (its output never exists for all rows); otherwise Megatron's own."""
         chunk = 0 if args else self._chunk(hidden_states, kwargs.get("inference_context"))
         plain = (isinstance(self.cross_attention, IdentityOp) and isinstance(self.pre_cross_attn_layernorm, IdentityOp)
-                 and not self.recompute_input_layernorm and not getattr(self, "offload_attn_norm", False)
+                 and not getattr(self, "recompute_input_layernorm", False)
+                 and not getattr(self, "offload_attn_norm", False)
                  and kwargs.get("context") is None)
         if not chunk or not plain:
             return super()._forward_attention(hidden_states, *args, **kwargs)
