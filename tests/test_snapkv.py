@@ -176,3 +176,25 @@ def test_memory_plan_for_a_million_tokens():
     small, big = (memory_plan(llama8b, m, kv_budget=4096)["activations"] for m in (1 << 19, 1 << 20))
     per_row = 2 * (2 * 4096 + 3 * (4096 + 1024)) + 32 * 4
     assert big - small == per_row * (1 << 19)
+
+
+def test_cli_flags():
+    import argparse
+
+    from megatron_apb.inference.launch import add_apb_args, apb_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_apb_args(parser)
+    cfg = apb_config_from_args(parser.parse_args(["--kv-budget", "2048", "--kv-window", "64", "--prefill-chunk", "8192"]))
+    assert cfg.compresses_kv and cfg.kv_budget_for(10**6) == 2048 and cfg.prefill_chunk == 8192
+
+def test_cli_flags_name_themselves_in_errors(capsys):
+    import argparse
+
+    from megatron_apb.inference.launch import add_apb_args, apb_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_apb_args(parser)
+    with pytest.raises(SystemExit):  # a usage error, in the flags' own spelling
+        apb_config_from_args(parser.parse_args(["--kv-budget", "16", "--kv-window", "64"]))
+    assert "--kv-budget (16) must be >= --kv-window (64)" in capsys.readouterr().err
