@@ -198,3 +198,27 @@ def test_cli_flags_name_themselves_in_errors(capsys):
     with pytest.raises(SystemExit):  # a usage error, in the flags' own spelling
         apb_config_from_args(parser.parse_args(["--kv-budget", "16", "--kv-window", "64"]))
     assert "--kv-budget (16) must be >= --kv-window (64)" in capsys.readouterr().err
+
+
+def test_long_sequences_run_in_blocks_of_rows(monkeypatch):
+    """Past 2^31 elements the causal attention and the RMSNorm run in blocks of rows; the
+    same functions at a tiny limit against their whole-tensor forms."""
+    from megatron_apb.ops import fused
+    from megatron_apb.ops.attention import attention_with_lse
+    from megatron_apb.ops.blocked import causal_attention_by_rows, needs_row_blocks, rows_per_block
+    from megatron_apb.ops.reference import causal_mask, reference_attention
+
+    torch.manual_seed(2)
+    q, k, v = torch.randn(1, 23, 6, 8), torch.randn(1, 23, 2, 8), torch.randn(1, 23, 2, 8)
+    out, lse = causal_attention_by_rows(q, k, v, rows=5)  # blocks that do not divide 23
+    want, want_lse = attention_with_lse(q, k, v, causal=True)
+    exact = reference_attention(q.double(), k.double(), v.double(), causal_mask(23, 23))[0].double()
+    # flash-attention's rule: the blocked error vs float64 at most twice the unblocked one's
+    assert (out.double() - exact).abs().max() <= 2 * (want.double() - exact).abs().max() + 1e-6
+    torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+    meta = torch.empty(1, 1 << 20, 32, 128, device="meta")
+    assert needs_row_blocks(meta) and not needs_row_blocks(meta[:, : 1 << 19]) and rows_per_block(meta) == 1 << 16
+    x, w = torch.randn(3, 7, 16), torch.rand(16)
+    whole = fused.fused_rms_norm(x, w, 1e-5)
+    monkeypatch.setattr(fused, "MAX_KERNEL_ELEMENTS", 40)  # blocks of one row
+    assert torch.equal(fused.fused_rms_norm(x, w, 1e-5), whole)

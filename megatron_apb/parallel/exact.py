@@ -12,6 +12,7 @@ import torch
 
 from ..comm import all_gather_async, group_rank
 from ..ops.attention import attention_with_lse
+from ..ops.blocked import causal_attention_by_rows, needs_row_blocks, rows_per_block
 from ..ops.merge import merge_attention
 from .algorithm import CPAlgorithm, register_algorithm
 
@@ -33,7 +34,10 @@ def exact_context_attention(
     rank = group_rank(group)
     kw = dict(softmax_scale=softmax_scale, backend=backend)
     pending = all_gather_async(torch.cat([k, v], dim=-1), group, local_only=local_only)
-    own = attention_with_lse(q, k, v, causal=True, **kw)
+    if needs_row_blocks(q):  # e.g. a million-token block: kernels see blocks of rows
+        own = causal_attention_by_rows(q, k, v, rows=rows_per_block(q), **kw)
+    else:
+        own = attention_with_lse(q, k, v, causal=True, **kw)
     gathered = pending.wait()  # [world, batch, block, kv_heads, 2*head_dim]
     if rank == 0:
         return own[0]
