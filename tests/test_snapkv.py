@@ -173,9 +173,9 @@ def test_memory_plan_for_a_million_tokens():
     with pytest.raises(APBConfigError, match="--prefill-chunk"):
         check_memory_plan(memory_plan(llama8b, n, kv_budget=4096, prefill_chunk=0), h200)
     # chunking bounds the MLP's share: doubling the length doubles only the per-row parts
-    small, big = (memory_plan(llama8b, m, kv_budget=4096)["activations"] for m in (1 << 19, 1 << 20))
+    small, big = (memory_plan(llama8b, m, kv_budget=4096)["activations"] for m in (1 << 20, 1 << 21))
     per_row = 2 * (2 * 4096 + 3 * (4096 + 1024)) + 32 * 4
-    assert big - small == per_row * (1 << 19)
+    assert big - small == per_row * (1 << 20)
 
 
 def test_cli_flags():

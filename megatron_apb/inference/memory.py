@@ -11,7 +11,7 @@ prefill chunk:
   SnapKV scores them);
 * **activations**: one layer's peak during the prefill: the input rows (and their norm
   when unchunked), q/k/v before and after RoPE, the attention output and its LSE, the
-  projected output,
+  projected output, a block of the row-blocked attention past 2^31 query elements,
   plus the temporaries of one chunk of the QKV projection and of the MLP
   (``prefill_chunk`` rows; the whole sequence when it is 0);
 * **scoring**: SnapKV's scores of one chunk of keys and of the whole block;
@@ -82,7 +82,10 @@ def memory_plan(shape: ModelShape, seq_len: int, *, dtype_bytes: int = 2, kv_bud
         "activations": s * b * ((2 if prefill_chunk else 3) * shape.hidden + 3 * (q_cols + kv_cols))
         + s * shape.heads * 4
         # one chunk: the mixed QKV projection, the MLP's two halves, their product, its output
-        + chunk * b * (q_cols + 2 * kv_cols + 3 * shape.ffn + shape.hidden),
+        + chunk * b * (q_cols + 2 * kv_cols + 3 * shape.ffn + shape.hidden)
+        # past 2^31 query elements attention runs in blocks of rows (ops/blocked.py): one
+        # block's two float32 parts and their merge
+        + (3 * 4 * q_cols * min(s, 2**28 // q_cols) if s * q_cols > 2**31 else 0),
         "scoring": (3 * shape.heads * window * min(score_chunk, s) + 2 * shape.kv_heads * s) * 4
         if kv_budget is not None else 0,
     }
