@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from ..comm import all_gather_async, group_rank
+from ..comm import all_gather_async, group_rank, group_size
 from ..ops.attention import attention_with_lse
 from ..ops.blocked import causal_attention_by_rows, needs_row_blocks, rows_per_block
 from ..ops.merge import merge_attention
@@ -33,11 +33,16 @@ def exact_context_attention(
     """Exact attention for contiguous blocks; q, k, v [batch, block, heads, head_dim]."""
     rank = group_rank(group)
     kw = dict(softmax_scale=softmax_scale, backend=backend)
+
+    def own_block():
+        if needs_row_blocks(q):  # e.g. a million-token block: kernels see blocks of rows
+            return causal_attention_by_rows(q, k, v, rows=rows_per_block(q), **kw)
+        return attention_with_lse(q, k, v, causal=True, **kw)
+
+    if group_size(group) == 1:  # nothing to gather (and no K|V copy for it)
+        return own_block()[0]
     pending = all_gather_async(torch.cat([k, v], dim=-1), group, local_only=local_only)
-    if needs_row_blocks(q):  # e.g. a million-token block: kernels see blocks of rows
-        own = causal_attention_by_rows(q, k, v, rows=rows_per_block(q), **kw)
-    else:
-        own = attention_with_lse(q, k, v, causal=True, **kw)
+    own = own_block()
     gathered = pending.wait()  # [world, batch, block, kv_heads, 2*head_dim]
     if rank == 0:
         return own[0]
