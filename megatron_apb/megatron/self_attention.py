@@ -104,15 +104,16 @@ class APBSelfAttention(SelfAttention):
         """(``input_norm`` and) Megatron's QKV projection over ``chunk`` rows at a time, into
         q [s, b, heads, d] and k, v [s, b, kv_heads, d]: the mixed projection never exists
         for all rows."""
-        rows, parts = hidden_states.shape[0], None
+        rows, whole = hidden_states.shape[0], None
         for start in range(0, rows, chunk):
-            x = hidden_states[start : start + chunk]
-            qkv = self.get_query_key_value_tensors(x if input_norm is None else input_norm(x), None, split_qkv=True)
-            if parts is None:
-                parts = [x.new_empty((rows,) + tuple(x.shape[1:])) for x in qkv[:3]]
-            for whole, x in zip(parts, qkv[:3]):
-                whole[start : start + chunk] = x
-        return parts
+            block = hidden_states[start : start + chunk]
+            qkv = self.get_query_key_value_tensors(block if input_norm is None else input_norm(block), None,
+                                                   split_qkv=True)[:3]
+            if whole is None:
+                whole = [t.new_empty((rows,) + tuple(t.shape[1:])) for t in qkv]
+            for dest, part in zip(whole, qkv):
+                dest[start : start + chunk] = part
+        return whole
 
     def _chunked_proj(self, out, chunk):
         """The output projection over ``chunk`` rows at a time: (output, bias) as Megatron's."""
