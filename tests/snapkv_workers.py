@@ -20,7 +20,8 @@ def _rows_of(small, full):
 
 
 def snapkv_generation(rank, world, n_doc, n_new):
-    """Greedy generation with SnapKV against the uncompressed engine, on ``world`` CP ranks.
+    """Greedy generation with SnapKV against the uncompressed engine, on ``world`` CP ranks
+    (and with one rank, :func:`chunked_prefill`).
 
     Returns a dict: tokens without compression, with a budget covering the document
     (distributed and local decoding), and for small budgets the tokens, the cache sizes
@@ -33,11 +34,12 @@ def snapkv_generation(rank, world, n_doc, n_new):
     from megatron_apb.megatron import rank_grid_groups
 
     pg = rank_grid_groups(1, world)
+    out = {"chunked": chunked_prefill(pg, 23, 5) if world == 1 else None}
     doc, query = _prompt(n_doc, 4, seed=7)
     base = APBConfig(mode="exact")
     model = _model(base, 1, world, pg)
     sampling = SamplingConfig(max_new_tokens=n_new)
-    out = {"plain": _engine(model, base, pg).generate(doc, query, sampling).output_ids}
+    out["plain"] = _engine(model, base, pg).generate(doc, query, sampling).output_ids
     full_cache, layout, _, _ = _engine(model, base, pg).prefill(doc, query)
     everything = base.replace(kv_compress="snapkv", kv_budget=n_doc + 50, kv_window=4)
     engine = _engine(model, everything, pg)
@@ -66,21 +68,18 @@ def snapkv_generation(rank, world, n_doc, n_new):
     return out
 
 
-def chunked_prefill(rank, world, n_doc, chunk):
-    """The model's rows through the layers with the projections and MLP chunked (``chunk``
-    rows) vs unchunked, same weights: (largest difference, reference magnitude, MLP calls
-    per forward chunked, unchunked)."""
-    _setup()
+def chunked_prefill(pg, n_doc, chunk):
+    """The model's rows through the layers with the norm, projections and MLP chunked
+    (``chunk`` rows) vs unchunked, same weights, one rank: (largest difference, reference
+    magnitude, calls per module chunked, unchunked)."""
     from megatron_apb import APBConfig
     from megatron_apb.forward import ForwardContext
-    from megatron_apb.megatron import rank_grid_groups
     from megatron_apb.megatron.adapter import MegatronAdapter
 
-    pg = rank_grid_groups(1, world)
     doc, _ = _prompt(n_doc, 4, seed=9)
     results = []
     for cfg in (APBConfig(mode="exact", prefill_chunk=chunk), APBConfig(mode="exact", prefill_chunk=0)):
-        model = _model(cfg, 1, world, pg)
+        model = _model(cfg, 1, 1, pg)
         calls = {"mlp": 0, "qkv": 0, "norm": 0, "proj": 0}
 
         def count(name):

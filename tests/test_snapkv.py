@@ -121,10 +121,13 @@ def test_budget_settings():
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_snapkv_generation(world):
+    """Engine generation with SnapKV at CP 1 and 2 (gloo); with one rank also the chunked prefill."""
     from tests.snapkv_workers import snapkv_generation
 
     n_doc, n_new = 37, 5
     results = run_distributed(snapkv_generation, world, n_doc, n_new)
+    if world == 1:
+        check_chunked_prefill(results[0]["chunked"])
     for r, res in enumerate(results):
         # a budget covering the document keeps every token: the same answer
         assert res["all"] == res["plain"] and res["all/local"] == res["plain"]
@@ -146,10 +149,10 @@ def test_snapkv_generation(world):
     assert all(res["plain"] == results[0]["plain"] for res in results)
 
 
-def test_chunked_prefill_equals_unchunked():
-    from tests.snapkv_workers import chunked_prefill
-
-    err, scale, chunked, whole = run_distributed(chunked_prefill, 1, 23, 5)[0]
+def check_chunked_prefill(result):
+    """The chunked prefill (23 rows in chunks of 5) against the unchunked one (run by
+    :func:`tests.snapkv_workers.snapkv_generation` with one rank)."""
+    err, scale, chunked, whole = result
     # 2 layers, 5 chunks of <= 5 rows each: the norm, the projections and the MLP ran per chunk
     assert chunked == dict(mlp=10, qkv=10, norm=10, proj=10) and whole == dict(mlp=2, qkv=2, norm=2, proj=2)
     # each row's math is unchanged; only the matmul's blocking over rows may round differently
