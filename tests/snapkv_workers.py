@@ -61,6 +61,8 @@ def snapkv_generation(rank, world, n_doc, n_new):
             share=plan.kept[rank], total=sum(plan.kept), kept=kept, valid=plan.valid(rank),
             window_rows=max(0, min(plan.valid(rank), n_doc - rank * layout.block_len)
                             - max(0, plan.window_start - rank * layout.block_len)))
+    if world == 1:
+        out["vs_reference"] = one_rank_selection_vs_reference(model, base, pg, doc, query)
     try:
         _engine(model, base.replace(kv_compress="snapkv", kv_budget=n_doc + 50, kv_window=n_doc + 1), pg).prefill(doc, query)
     except Exception as exc:
@@ -97,3 +99,27 @@ def chunked_prefill(pg, n_doc, chunk):
         results.append((logits, calls))
     (a, calls_a), (b, calls_b) = results
     return (a - b).abs().max().item(), b.abs().max().item(), calls_a, calls_b
+
+
+def one_rank_selection_vs_reference(model, base, pg, doc, query):
+    """With one rank, the K/V each layer keeps equal the ops reference's selection
+    (:func:`megatron_apb.ops.snapkv.snapkv_rows`) on that layer's own q and k: the number
+    of layers checked."""
+    from unittest import mock
+
+    from megatron_apb.megatron import core_attention
+    from megatron_apb.ops.snapkv import gather_tokens, snapkv_rows
+
+    cfg = base.replace(kv_budget=11, kv_window=5, kv_pool="max", kv_pool_kernel=3)
+    real, checked = core_attention.compress_block_kv, []
+
+    def spy(q, k, v, plan, **kw):
+        k_kept, v_kept = real(q, k, v, plan, **kw)
+        rows = snapkv_rows(q[:, -5:], k, budget=11, pool="max", kernel=3, softmax_scale=kw["softmax_scale"])
+        checked.append(torch.equal(k_kept, gather_tokens(k, rows)) and torch.equal(v_kept, gather_tokens(v, rows)))
+        return k_kept, v_kept
+
+    with mock.patch.object(core_attention, "compress_block_kv", spy):
+        _engine(model, cfg, pg).prefill(doc, query)
+    assert all(checked), checked
+    return len(checked)

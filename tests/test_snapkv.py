@@ -128,6 +128,7 @@ def test_snapkv_generation(world):
     results = run_distributed(snapkv_generation, world, n_doc, n_new)
     if world == 1:
         check_chunked_prefill(results[0]["chunked"])
+        assert results[0]["vs_reference"] == 2  # both layers kept what the ops reference selects
     for r, res in enumerate(results):
         # a budget covering the document keeps every token: the same answer
         assert res["all"] == res["plain"] and res["all/local"] == res["plain"]

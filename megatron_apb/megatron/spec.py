@@ -50,8 +50,9 @@ def get_gpt_layer_apb_spec(
             other norms); ``False``: Megatron's own norm.
     Returns:
         A copy of ``base_spec`` whose layer is :class:`APBTransformerLayer` (where it was
-        Megatron's ``TransformerLayer``: the MLP chunked in long prefills), whose ``self_attention`` is :class:`APBSelfAttention` and
-        whose ``core_attention`` is ``ModuleSpec(APBCoreAttention, params={"apb_config": ...})``.
+        Megatron's ``TransformerLayer``: the MLP chunked in long prefills), whose
+        ``self_attention`` is :class:`APBSelfAttention` and whose ``core_attention`` is
+        ``ModuleSpec(APBCoreAttention, params={"apb_config": ...})``.
 
     After building the model, call ``megatron_apb.megatron.prepare_model(model)`` so the
     rotary table is not sliced for Megatron's zig-zag layout.
