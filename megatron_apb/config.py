@@ -12,15 +12,17 @@ variables are all generated from :func:`dataclasses.fields` (see
 ``mode`` and ``compressor`` are checked against the registries
 (:data:`megatron_apb.registry.ALGORITHMS`, :data:`~megatron_apb.registry.COMPRESSORS`).
 
-The module is above 400 lines because the settings, the rules that resolve them into a
-layout (with the advice given when a document cannot be laid out) and the layout with its
-per-rank helpers are read together; the partition arithmetic lives in
+The module is above 400 lines because every field's validation stays next to the field
+(one place to read what a setting accepts), and the settings, the rules that resolve them
+into a layout (with the advice given when a document cannot be laid out) and the layout
+with its per-rank helpers are read together; the partition arithmetic lives in
 :mod:`megatron_apb.partition`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -36,6 +38,11 @@ BACKENDS = ("auto", "sdpa", "cudnn", "flash", "efficient", "flex", "math", "refe
 SPARSE_PATTERNS = ("block_sparse", "vertical_slash", "a_shape")
 #: how a document is split over the context-parallel ranks (``APBConfig.partition``)
 PARTITIONS = ("equal", "balanced")
+#: KV-cache compression after the prefill (``kv_compress``) and its score pooling
+KV_COMPRESSORS = ("none", "snapkv")
+KV_POOLS = ("avg", "max")
+#: tokens SnapKV keeps when neither kv_budget nor kv_budget_ratio is given
+DEFAULT_KV_BUDGET = 4096
 #: the dtype names every command accepts
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -102,6 +109,18 @@ class APBConfig:
             time is the same, :mod:`megatron_apb.partition`; the anchor and passing lengths
             stay those of the equal blocks).  Modes whose algorithm needs equal blocks
             (``ulysses``) always split equally.
+        kv_compress: ``"snapkv"``: at the end of the prefill every layer's cache keeps, per
+            KV head, the tokens the document's last ``kv_window`` queries attend to most,
+            plus the window itself (:mod:`megatron_apb.ops.snapkv`); ``"none"``: all.
+            ``None`` (default): snapkv when a budget is given, else none.
+        kv_budget, kv_budget_ratio: tokens kept per sequence (the window included), or the
+            document's fraction kept (at least the window); at most one (neither:
+            ``DEFAULT_KV_BUDGET`` tokens).
+        kv_window: the observation window (positions at the document's end).
+        kv_pool, kv_pool_kernel: the 1-D pooling of the scores (``avg`` or ``max``, odd
+            width; 1 disables it).
+        prefill_chunk: rows per chunk of the projections and the MLP in a prefill longer
+            than it, so their activations stay bounded (0: never chunk).
     """
 
     mode: str = _option(
@@ -131,6 +150,15 @@ class APBConfig:
     partition: str = _option(
         "equal", "split of the document over the ranks: equal blocks or balanced per-rank work",
         choices=PARTITIONS)
+    kv_compress: Optional[str] = _option(
+        None, "KV-cache compression after the prefill: snapkv or none (default: snapkv when a kv budget is set)",
+        choices=KV_COMPRESSORS)
+    kv_budget: Optional[int] = _option(None, "tokens the compressed cache keeps per sequence")
+    kv_budget_ratio: Optional[float] = _option(None, "the document's fraction the compressed cache keeps")
+    kv_window: int = _option(32, "SnapKV observation window (last document positions)")
+    kv_pool: str = _option("avg", "pooling of the SnapKV scores: avg or max", choices=KV_POOLS)
+    kv_pool_kernel: int = _option(7, "width of the SnapKV score pooling (odd; 1 disables it)")
+    prefill_chunk: int = _option(32768, "rows per chunk of the projections and MLP in long prefills (0: off)")
 
     def __post_init__(self):
         ALGORITHMS.get(self.mode)
@@ -172,6 +200,7 @@ class APBConfig:
                 f"retaining_head_hidden must be >= 1, got {self.retaining_head_hidden}",
                 field="retaining_head_hidden",
             )
+        self._check_kv_compression()
         algorithm = self.algorithm
         if algorithm.uses_anchor and not algorithm.passes_blocks and self.passing_len not in (None, 0):
             raise APBConfigError(
@@ -185,6 +214,54 @@ class APBConfig:
                 f"{self.anchor_len}; leave anchor_len unset or use mode='apb'/'star'",
                 field="anchor_len",
             )
+
+    def _check_kv_compression(self):
+        if self.kv_compress is not None:
+            _one_of("kv_compress", self.kv_compress, KV_COMPRESSORS)
+        _one_of("kv_pool", self.kv_pool, KV_POOLS)
+        for name in ("kv_window", "kv_pool_kernel", "prefill_chunk"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise APBConfigError(f"{name} must be a non-negative int, got {value!r}", field=name)
+        if self.kv_pool_kernel < 1 or self.kv_pool_kernel % 2 == 0:
+            raise APBConfigError(f"kv_pool_kernel must be an odd int >= 1 (1 disables pooling), "
+                                 f"got {self.kv_pool_kernel}", field="kv_pool_kernel")
+        budget, ratio = self.kv_budget, self.kv_budget_ratio
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
+            raise APBConfigError(f"kv_budget must be a positive int (tokens kept), got {budget!r}", field="kv_budget")
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
+                                  or not 0.0 < ratio <= 1.0):
+            raise APBConfigError(f"kv_budget_ratio must lie in (0, 1], got {ratio!r}", field="kv_budget_ratio")
+        if self.kv_compress == "none":
+            if budget is not None or ratio is not None:
+                name = "kv_budget" if budget is not None else "kv_budget_ratio"
+                raise APBConfigError(f"{name} is set but kv_compress='none': set kv_compress='snapkv' "
+                                     f"or leave {name} unset", field="kv_compress")
+            return
+        if budget is not None and ratio is not None:
+            raise APBConfigError("give one of kv_budget (tokens) and kv_budget_ratio (fraction of the "
+                                 "document), not both", field="kv_budget")
+        if not self.compresses_kv:
+            return
+        if self.kv_window < 1:
+            raise APBConfigError(f"kv_window must be >= 1, got {self.kv_window}", field="kv_window")
+        budget = DEFAULT_KV_BUDGET if budget is None and ratio is None else budget
+        if budget is not None and budget < self.kv_window:
+            raise APBConfigError(f"kv_budget ({budget}) must be >= kv_window ({self.kv_window}): the "
+                                 "window is always kept; raise kv_budget or lower kv_window", field="kv_budget")
+
+    @property
+    def compresses_kv(self) -> bool:
+        """Whether the prefill compresses the KV cache (SnapKV)."""
+        if self.kv_compress is None:
+            return self.kv_budget is not None or self.kv_budget_ratio is not None
+        return self.kv_compress == "snapkv"
+
+    def kv_budget_for(self, doc_len: int) -> int:
+        """Tokens the compressed cache keeps of a ``doc_len``-token document (at most all)."""
+        if self.kv_budget is not None or self.kv_budget_ratio is None:
+            return min(self.kv_budget or DEFAULT_KV_BUDGET, doc_len)
+        return min(doc_len, max(self.kv_window, math.ceil(self.kv_budget_ratio * doc_len)))
 
     @property
     def algorithm(self):

@@ -63,6 +63,8 @@ class ForwardContext:
             (e.g. several modes on one set of weights).
         local_only: benchmarks only: collectives become local copies (wrong results),
             to measure the communication that is not hidden.
+        kv_plan: a prefill whose cache keeps only what SnapKV selects
+            (:class:`megatron_apb.ops.snapkv.SnapKVPlan`); None: the whole block.
         static: a decode forward that reads no host value (CUDA-graph capturable):
             ``positions`` on the device, the new K/V written at the cache's device
             ``slots``, attention over its device ``lengths`` with the split-KV kernel.
@@ -80,6 +82,7 @@ class ForwardContext:
     local_only: bool = False
     static: bool = False
     cp_group: Any = None
+    kv_plan: Optional[Any] = None
     # the layout the first APB layer checked with the other ranks: (rows, layout)
     checked: Optional[Tuple[int, CPLayout]] = field(default=None, repr=False)
     # values derived once per forward and shared by its layers (e.g. the rotary rows of this

@@ -46,9 +46,9 @@ def config_field_samples():
         elif kind is bool:
             candidates = [not f.default]
         elif kind is int:
-            candidates = [8] if f.default is None else [f.default + 2, f.default + 1]
+            candidates = [8, 64] if f.default is None else [f.default + 2, f.default + 1]
         elif kind is float:
-            candidates = [f.default / 2]
+            candidates = [0.5] if f.default is None else [f.default / 2]
         else:
             candidates = ["x"]
         for value in candidates:

@@ -37,9 +37,13 @@ class CPKVCache:
             beyond it when needed).
         complete: the cache holds every rank's block (gathered after the prefill): phase 2
             then runs on this rank alone, with no collective per layer.
+        prefill_counts: the prefill compresses the caches (SnapKV): the tokens each CP
+            rank keeps per layer (``valid_len`` is this rank's); the prefill must store
+            exactly that many rows.  None: every rank keeps its whole block.
     """
 
-    def __init__(self, valid_len: int, owner: bool, reserve: int = 256, complete: bool = False):
+    def __init__(self, valid_len: int, owner: bool, reserve: int = 256, complete: bool = False,
+                 prefill_counts=None):
         if valid_len < 0:
             raise ValueError(f"valid_len must be >= 0, got {valid_len}")
         if reserve < 0:
@@ -47,6 +51,7 @@ class CPKVCache:
         if complete and not owner:
             raise ValueError("a complete cache appends phase-2 tokens itself: owner must be True")
         self.valid_len, self.owner, self.reserve, self.complete = valid_len, owner, reserve, complete
+        self.prefill_counts = None if prefill_counts is None else tuple(prefill_counts)
         self._keys: Dict[int, Tensor] = {}
         self._values: Dict[int, Tensor] = {}
         self._length: Dict[int, int] = {}
@@ -56,6 +61,11 @@ class CPKVCache:
 
     def store_prefill(self, layer: int, k: Tensor, v: Tensor):
         """Keep the block rows of a prefill (padding dropped)."""
+        if self.prefill_counts is not None and k.shape[1] != self.valid_len:
+            raise RuntimeError(
+                f"this cache expects the {self.valid_len} rows the KV compression keeps, got "
+                f"{k.shape[1]}: the model's attention did not compress (kv_compress needs the "
+                "APB core attention)")
         n = min(self.valid_len, k.shape[1])
         room = n + (self.reserve if self.owner else 0)
         for store, x in ((self._keys, k), (self._values, v)):

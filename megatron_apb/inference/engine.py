@@ -30,6 +30,7 @@ from ..forward import ForwardContext
 from ..layout import shard_document
 from ..partition import CostModel
 from ..megatron.adapter import MegatronAdapter
+from ..ops.snapkv import SnapKVPlan
 from .batch import generate_batch
 from .cache import CPKVCache
 from .decode import NONFINITE_LOGITS, DecodeStep, graphs_possible
@@ -72,6 +73,20 @@ def shape_cost_model(config, tp: int = 1) -> Optional[CostModel]:
         return None
     head_dim = get("kv_channels", "head_dim") or hidden // heads
     return CostModel.from_shape(hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim, ffn=ffn, tp=tp)
+
+
+def kv_plan(config: APBConfig, doc_len: int, block_lens, cp_size: int) -> Optional[SnapKVPlan]:
+    """What the prefill of a ``doc_len``-token document keeps (None: every token), checked
+    against the document before any work, with errors naming the field to change."""
+    if not config.compresses_kv:
+        return None
+    if config.kv_window > doc_len:
+        raise APBConfigError(
+            f"kv_window ({config.kv_window}) is longer than the document ({doc_len} tokens): lower "
+            "kv_window (or give a longer document)", field="kv_window")
+    return SnapKVPlan.make(doc_len, block_lens, cp_size, window=config.kv_window,
+                           budget=config.kv_budget_for(doc_len), pool=config.kv_pool,
+                           kernel=config.kv_pool_kernel)
 
 
 def _sync(device):
@@ -200,6 +215,10 @@ class APBEngine:
     def prefill(self, document_ids, query_ids, *, local_only: bool = False, reserve: int = 256):
         """Run the distributed prefill; returns (cache, layout, n_doc, seconds).
 
+        With KV compression in the config (``kv_compress='snapkv'`` or a ``kv_budget``), every layer's cache keeps only the
+        tokens of :func:`kv_plan` (the same count for each layer and KV head, at their
+        original positions); decoding then reads the compressed cache.
+
         ``reserve``: phase-2 tokens (query + answer) the last rank's cache makes room for
         at once (decoding beyond it copies the cache to grow it; :class:`DecodeStep`
         refuses).  ``local_only`` (benchmarks only): collectives become local copies, to
@@ -211,15 +230,18 @@ class APBEngine:
         tokens, layout = shard_document(doc, query, self.config, self.cp_size, pad_id=self.pad_id,
                                         cost=self.cost_model)
         valid = valid_rows(layout, self.cp_rank, doc.numel())
-        cache = CPKVCache(valid_len=valid, owner=self.cp_rank == self.cp_size - 1, reserve=reserve,
-                          complete=self.cp_size == 1)
+        plan = kv_plan(self.config, doc.numel(), [layout.block_len_on(r) for r in range(self.cp_size)], self.cp_size)
+        cache = CPKVCache(valid_len=valid if plan is None else plan.kept[self.cp_rank],
+                          owner=self.cp_rank == self.cp_size - 1, reserve=reserve,
+                          complete=self.cp_size == 1, prefill_counts=None if plan is None else plan.kept)
         table_len = layout.padded_len(self.cp_size) + layout.anchor_len + 1
         hooks = self._progress_hooks("prefill")
         try:
             self._barrier()
             _sync(self.device)
             start = time.perf_counter()
-            context = ForwardContext.prefill(layout, kv_cache=cache, config=self.config, local_only=local_only)
+            context = ForwardContext.prefill(layout, kv_cache=cache, config=self.config, local_only=local_only,
+                                             kv_plan=plan)
             self._forward(tokens[self.cp_rank], context, table_len)
             _sync(self.device)
             self._barrier()
@@ -241,9 +263,9 @@ class APBEngine:
         if self.cp_size == 1:
             return cache
         block = layout.block_len  # the longest block: every rank's travels padded to it
-        valid = [valid_rows(layout, r, n_doc) for r in range(self.cp_size)]
+        valid = list(cache.prefill_counts or [valid_rows(layout, r, n_doc) for r in range(self.cp_size)])
         room = cache.reserve if reserve is None else reserve
-        full = CPKVCache(valid_len=n_doc, owner=True, reserve=room, complete=True) if keep else None
+        full = CPKVCache(valid_len=sum(valid), owner=True, reserve=room, complete=True) if keep else None
         for layer in cache.layers():
             k, v = cache.get(layer)  # [b, valid_r, kv, d]; K and V travel together, padded to the block
             packed = k.new_zeros((2, k.shape[0], block) + tuple(k.shape[2:]))

@@ -30,6 +30,7 @@ from ..errors import APBConfigError, PeerRankError
 from ..forward import ForwardContext
 from ..ops.fused import fused_rope, rope_cos_sin
 from ..parallel import decode_attention
+from ..parallel.snapkv import compress_block_kv
 from .rope import apply_rope, rope_positions, table_rows
 
 
@@ -160,7 +161,11 @@ class APBCoreAttention(MegatronModule):
         algorithm = cfg.algorithm
         la = layout.anchor_len_on(rank) if algorithm.uses_anchor else 0
         if ctx.kv_cache is not None:
-            ctx.kv_cache.store_prefill(self.layer_number, k[:, la:], v[:, la:])
+            k_keep, v_keep = k[:, la:], v[:, la:]
+            if ctx.kv_plan is not None:  # SnapKV: this block's share, scored by the document's window
+                k_keep, v_keep = compress_block_kv(q[:, la:], k_keep, v_keep, ctx.kv_plan, group=self.cp_group,
+                                                   softmax_scale=self.softmax_scale)
+            ctx.kv_cache.store_prefill(self.layer_number, k_keep, v_keep)
 
         def scorer():
             return score_block(ScoreInputs(

@@ -20,6 +20,7 @@ from ..comm import group_size
 from ..errors import APBConfigError
 from ..forward import ForwardContext
 from .core_attention import check_heads
+from .layer import prefill_chunk
 
 
 class APBSelfAttention(SelfAttention):
@@ -56,9 +57,13 @@ class APBSelfAttention(SelfAttention):
         sequence_len_offset=None,
         *,
         inference_params=None,
+        input_norm=None,
         **unused,
     ):
-        """[s, b, hidden] -> (output [s, b, hidden], bias), like Megatron's."""
+        """[s, b, hidden] -> (output [s, b, hidden], bias), like Megatron's.
+
+        ``input_norm``: a norm to apply to ``hidden_states`` first (a chunked prefill
+        applies it chunk by chunk, see :class:`~megatron_apb.megatron.layer.APBTransformerLayer`)."""
         ctx = inference_context if inference_context is not None else inference_params
         if ctx is not None and not isinstance(ctx, ForwardContext):
             raise APBConfigError(
@@ -74,13 +79,48 @@ class APBSelfAttention(SelfAttention):
         if no_rope and no_rope[self.layer_number - 1]:
             table = None
         gated = bool(getattr(self.config, "attention_output_gate", False))
-        qkv = self.get_query_key_value_tensors(hidden_states, None, split_qkv=True, output_gate=gated)
-        query, key, value = qkv[:3]
+        chunk = 0 if gated else prefill_chunk(ctx, self.core_attention.apb_config, hidden_states.shape[0],
+                                              self.config)
+        if chunk:
+            query, key, value = self._chunked_qkv(hidden_states, chunk, input_norm)
+        else:
+            if input_norm is not None:
+                hidden_states = input_norm(hidden_states)
+            qkv = self.get_query_key_value_tensors(hidden_states, None, split_qkv=True, output_gate=gated)
+            query, key, value = qkv[:3]
         out = self.core_attention(
             query, key, value, attention_mask,
             attn_mask_type=self.attn_mask_type, attention_bias=attention_bias,
             packed_seq_params=packed_seq_params, forward_context=ctx, rotary_pos_emb=table,
         )
+        del query, key, value
         if gated:
             out = self._apply_output_gate(out, qkv[3])
+        if chunk:
+            return self._chunked_proj(out, chunk)
         return self.linear_proj(out)
+
+    def _chunked_qkv(self, hidden_states, chunk, input_norm=None):
+        """(``input_norm`` and) Megatron's QKV projection over ``chunk`` rows at a time, into
+        q [s, b, heads, d] and k, v [s, b, kv_heads, d]: the mixed projection never exists
+        for all rows."""
+        rows, whole = hidden_states.shape[0], None
+        for start in range(0, rows, chunk):
+            block = hidden_states[start : start + chunk]
+            qkv = self.get_query_key_value_tensors(block if input_norm is None else input_norm(block), None,
+                                                   split_qkv=True)[:3]
+            if whole is None:
+                whole = [t.new_empty((rows,) + tuple(t.shape[1:])) for t in qkv]
+            for dest, part in zip(whole, qkv):
+                dest[start : start + chunk] = part
+        return whole
+
+    def _chunked_proj(self, out, chunk):
+        """The output projection over ``chunk`` rows at a time: (output, bias) as Megatron's."""
+        result, bias = None, None
+        for start in range(0, out.shape[0], chunk):
+            y, bias = self.linear_proj(out[start : start + chunk])
+            if result is None:
+                result = y.new_empty((out.shape[0],) + tuple(y.shape[1:]))
+            result[start : start + chunk] = y
+        return result, bias

@@ -7,9 +7,11 @@ from typing import Optional
 
 from megatron.core.models.gpt import gpt_layer_specs
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from ..config import APBConfig
 from .core_attention import APBCoreAttention
+from .layer import APBTransformerLayer
 from .norms import FusedRMSNorm, RMSNormFusedWhenPossible
 from .self_attention import APBSelfAttention
 
@@ -47,8 +49,10 @@ def get_gpt_layer_apb_spec(
             whenever the layer's config asks for RMSNorm; ``True``: required (error for
             other norms); ``False``: Megatron's own norm.
     Returns:
-        A copy of ``base_spec`` whose ``self_attention`` is :class:`APBSelfAttention` and
-        whose ``core_attention`` is ``ModuleSpec(APBCoreAttention, params={"apb_config": ...})``.
+        A copy of ``base_spec`` whose layer is :class:`APBTransformerLayer` (where it was
+        Megatron's ``TransformerLayer``: the MLP chunked in long prefills), whose
+        ``self_attention`` is :class:`APBSelfAttention` and whose ``core_attention`` is
+        ``ModuleSpec(APBCoreAttention, params={"apb_config": ...})``.
 
     After building the model, call ``megatron_apb.megatron.prepare_model(model)`` so the
     rotary table is not sliced for Megatron's zig-zag layout.
@@ -64,6 +68,8 @@ def get_gpt_layer_apb_spec(
     attention = spec.submodules.self_attention
     if not isinstance(attention, ModuleSpec) or not hasattr(attention.submodules, "core_attention"):
         raise ValueError("base_spec has no self_attention.submodules.core_attention to replace")
+    if spec.module is TransformerLayer:  # the MLP chunked over long prefills
+        spec.module = APBTransformerLayer
     attention.module = APBSelfAttention
     attention.submodules.core_attention = core_attention_spec(apb_config)
     if fused_norm is not False:

@@ -51,9 +51,21 @@ def _run(name, x, *args):
     return (_compiled(name) if x.is_cuda else _MATH[name])(x, *args)
 
 
+#: tensors with more elements than this are normed in blocks of rows (a kernel then never
+#: needs an element offset past a signed 32-bit integer, e.g. a million-token prefill)
+MAX_KERNEL_ELEMENTS = 2**31
+
+
 def fused_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """``x * rsqrt(mean(x**2, -1) + eps) * weight`` in float32, returned in x's dtype."""
-    return _run("rms_norm", x, weight, eps)
+    if x.numel() <= MAX_KERNEL_ELEMENTS or not x.is_contiguous():
+        return _run("rms_norm", x, weight, eps)
+    rows = x.view(-1, x.shape[-1])
+    out = torch.empty_like(rows)
+    step = max(1, MAX_KERNEL_ELEMENTS // 2 // x.shape[-1])
+    for start in range(0, rows.shape[0], step):
+        out[start : start + step] = _run("rms_norm", rows[start : start + step], weight, eps)
+    return out.view(x.shape)
 
 
 def rope_cos_sin(freqs: Tensor, device=None) -> Tuple[Tensor, Tensor]:

@@ -11,9 +11,10 @@ from typing import Optional
 
 import torch
 
-from ..comm import all_gather_async, group_rank
+from ..comm import all_gather_async, group_rank, group_size
 from ..config import CPLayout
 from ..ops.attention import attention_with_lse
+from ..ops.blocked import causal_attention_by_rows, needs_row_blocks, rows_per_block
 from ..ops.merge import merge_attention
 from .algorithm import CPAlgorithm, register_algorithm
 
@@ -38,12 +39,20 @@ def exact_context_attention(
     to the longest and are cut back to each rank's length after the gather."""
     rank = group_rank(group)
     kw = dict(softmax_scale=softmax_scale, backend=backend)
+
+    def own_block():
+        if needs_row_blocks(q):  # e.g. a million-token block: kernels see blocks of rows
+            return causal_attention_by_rows(q, k, v, rows=rows_per_block(q), **kw)
+        return attention_with_lse(q, k, v, causal=True, **kw)
+
+    if group_size(group) == 1:  # nothing to gather (and no K|V copy for it)
+        return own_block()[0]
     kv = torch.cat([k, v], dim=-1)
     unequal = layout is not None and not layout.equal
     if unequal and kv.shape[1] < layout.block_len:
         kv = torch.cat([kv, kv.new_zeros((kv.shape[0], layout.block_len - kv.shape[1]) + tuple(kv.shape[2:]))], dim=1)
     pending = all_gather_async(kv, group, local_only=local_only)
-    own = attention_with_lse(q, k, v, causal=True, **kw)
+    own = own_block()
     gathered = pending.wait()  # [world, batch, block, kv_heads, 2*head_dim]
     if rank == 0:
         return own[0]

@@ -19,6 +19,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from ...errors import APBConfigError
+from ...megatron.layer import APBTransformerLayer
 from ...megatron.spec import HAVE_TE, get_gpt_layer_apb_spec
 from .args import current_apb_config
 from .prepare import prepare_megatron_lm_model
@@ -67,20 +68,21 @@ class _ChosenAtBuild(TransformerLayerSubmodules):
     """Placeholder submodules of :data:`gpt_layer_apb_spec`; each layer picks its own."""
 
 
-class MegatronLMAPBTransformerLayer(TransformerLayer):
-    """Megatron's ``TransformerLayer`` whose submodules are chosen when it is built.
+class MegatronLMAPBTransformerLayer(APBTransformerLayer):
+    """APB's ``TransformerLayer`` (the MLP chunked over long prefills) whose submodules are
+    chosen when it is built.
 
     Built from :data:`gpt_layer_apb_spec`, it takes those of
     :func:`get_gpt_layer_apb_spec_for_megatron_lm` for its own ``TransformerConfig`` and
     the APB settings current at that moment, so the ``--spec`` object can be imported at
     any time (even before Megatron-LM parses its arguments).  Given real submodules, it
-    is a plain ``TransformerLayer``.
+    is a plain :class:`~megatron_apb.megatron.layer.APBTransformerLayer`.
     """
 
     def __init__(self, config, submodules, *args, **kwargs):
         if isinstance(submodules, _ChosenAtBuild):
             spec = get_gpt_layer_apb_spec_for_megatron_lm(config)
-            if spec.module is not TransformerLayer:
+            if spec.module not in (TransformerLayer, APBTransformerLayer):
                 raise APBConfigError(f"the base layer spec builds {spec.module.__name__}, not TransformerLayer")
             submodules = spec.submodules
         super().__init__(config, submodules, *args, **kwargs)
