@@ -197,7 +197,7 @@ def quiet_other_ranks(rank: int, verbose: bool = False) -> bool:
         transformers_logging.set_verbosity_error()
     except ImportError:
         pass
-    try:
+    try:  # local: optional package, switched off if present
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
