@@ -6,7 +6,7 @@ same weights and prompt (gloo, CPU processes):
 * Megatron-Core: a GPTModel built with Megatron's *own* layer spec (no APB) gets APB
   swapped in by ``init_inference``; the reference is a GPTModel built with the APB spec.
 * Hugging Face: a tiny random Llama (GQA) saved to disk; ``init_inference`` runs on the HF
-  model itself (APB attention swapped into its layers, DeepSpeed's injection-policy TP);
+  model itself (APB attention swapped into its layers, DeepSpeed's AutoTP);
   the reference is our engine on the same checkpoint converted to Megatron.
 
 Logits: the two paths run different code for the projections and MLPs (Megatron's layers

@@ -154,7 +154,7 @@ class HFModelForAPB(nn.Module):
     :class:`~megatron_apb.inference.APBEngine`.
 
     Builds the APB attention in place (:func:`swap_in_apb_attention`).  Build it *after*
-    DeepSpeed has sharded ``hf_model`` (DeepSpeed's injection policy replaces every
+    DeepSpeed has sharded ``hf_model`` (DeepSpeed's AutoTP or injection policy replaces every
     ``nn.Linear`` of a decoder layer, the retaining heads' too); the model may still be
     moved or cast afterwards: the adapter looks its modules up on every call.
     """
