@@ -137,7 +137,7 @@ def _cmd_generate(args) -> int:
         except APBConfigError as exc:
             raise APBConfigError(f"--cp-mode {mode}: {exc}", field=exc.field) from None
 
-    rt = init_runtime(args.tp, args.dtype, timeout_s=args.timeout)
+    rt = init_runtime(args.tp, args.dtype, timeout_s=args.timeout, verbose=args.verbose)
     if apb_config.passes_blocks and not args.heads:
         say("no retaining heads given (--heads): APB uses the training-free query-attention compressor")
     say(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'} on {rt.world} process(es): "

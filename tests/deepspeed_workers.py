@@ -115,7 +115,7 @@ def megatron_ds_vs_engine(rank, world, tp, cp, n_doc, n_new, cases, heads_path=N
             assert next(prebuilt.parameters()).dtype == torch.float32
         results[name] = dict(
             want=want, got=got, logit_err=float((got_logits - want_logits).abs().max()), got_prebuilt=got_prebuilt,
-            cp=ds.cp_size, kind=ds.kind, ds_module=type(ds.module).__name__, heads_loaded=heads_loaded,
+            cp=ds.cp_size, kind=ds.kind, ds_module=type(ds.ds_engine).__name__, heads_loaded=heads_loaded,
             swapped=type(plain.decoder.layers[0].self_attention).__name__,
         )
     errors = []
@@ -129,10 +129,37 @@ def megatron_ds_vs_engine(rank, world, tp, cp, n_doc, n_new, cases, heads_path=N
     return results
 
 
-def hf_ds_vs_engine(rank, world, tp, cp, path, doc, query, n_new, cases, heads_path=None):
+def write_tiny_llama(root):
+    """A tiny random Llama (8 heads, 2 KV heads, head_dim 8, 2 layers) saved under
+    ``root/model``, retaining heads for it, and a prompt: ``(model dir, heads file, doc, query)``."""
+    from safetensors.torch import save_file
+
+    from tests.test_checkpoint import _configs, _hf_model
+
+    config = _configs()["llama_untied_v101"]
+    _hf_model(config, 21).save_pretrained(root / "model")
+    g = torch.Generator().manual_seed(4)
+    width = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
+    heads = {}
+    for i in range(config.num_hidden_layers):
+        heads[f"model.layers.{i}.self_attn.fc1.weight"] = 0.2 * torch.randn(48, width, generator=g)
+        heads[f"model.layers.{i}.self_attn.fc2.weight"] = 0.2 * torch.randn(config.num_key_value_heads, 48, generator=g)
+    save_file(heads, str(root / "heads.safetensors"))
+    doc = torch.randint(0, config.vocab_size, (44,), generator=g).tolist()
+    query = torch.randint(0, config.vocab_size, (5,), generator=g).tolist()
+    return str(root / "model"), str(root / "heads.safetensors"), doc, query
+
+
+def hf_ds_vs_engine(rank, world, tp, cp, path, doc, query, n_new, cases, heads_path=None, device="cpu"):
     """HF path: our engine on the converted Megatron model vs ``init_inference`` on the
-    Hugging Face model itself (DeepSpeed TP = ``tp`` through its injection policy)."""
+    Hugging Face model itself (DeepSpeed TP = ``tp`` by AutoTP).  ``device="cuda"``: every
+    rank on GPU ``rank % count`` (several may share one; collectives over gloo), fp32
+    with TF32 off."""
     _setup()
+    if device == "cuda":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     from transformers import AutoModelForCausalLM
 
     from megatron_apb import APBConfig
@@ -162,12 +189,14 @@ def hf_ds_vs_engine(rank, world, tp, cp, path, doc, query, n_new, cases, heads_p
             apb_config = apb_config.replace(retaining_head_hidden=width)
         model = build_model(spec, apb_config, pg_collection=pg, parallel_output=False).eval()
         load_into_model(model, full, spec, tp_rank, tp)
+        model.to(device)
         ref_engine = APBEngine(model, apb_config, cp_group=pg.cp, tp_group=pg.tp, vocab_size=spec.vocab_size)
         want_logits = _first_logits(ref_engine, doc, query)
         want = ref_engine.generate(doc, query, sampling).output_ids
 
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        ds = init_inference(hf, {"dtype": "fp32", "tensor_parallel": {"tp_size": tp}, "apb": section})
+        ds = init_inference(hf, {"dtype": "fp32", "tensor_parallel": {"tp_size": tp}, "max_out_tokens": 256,
+                                 "apb": section})
         got_logits = _first_logits(ds.engine, doc, query)
         got = ds.generate(doc, query, sampling).output_ids
         q_proj = hf.model.layers[0].self_attn.q_proj
@@ -176,4 +205,32 @@ def hf_ds_vs_engine(rank, world, tp, cp, path, doc, query, n_new, cases, heads_p
             cp=ds.cp_size, kind=ds.kind, q_proj=type(q_proj).__name__, q_rows=int(q_proj.weight.shape[0]),
             attention=type(hf.model.layers[0].self_attn).__name__,
         )
+        if name == cases[0][0]:
+            results[name].update(_engine_forward_after_generate(
+                ds, path, torch.cat([doc, query, torch.as_tensor(got)]).to(device)))
+            results[name]["device"] = str(next(hf.parameters()).device.type)
     return results
+
+
+def _engine_forward_after_generate(ds, path, ids):
+    """The returned engine's forward (DeepSpeed's: the model's own exact attention, TP as
+    DeepSpeed split it) after ``generate``, against the unsharded Hugging Face model from
+    the same checkpoint; and max_out_tokens honoured by forward and generate."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        out = ds(ids[None])  # DeepSpeed's InferenceEngine.forward
+        plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().to(ids.device)
+        want = plain(ids[None]).logits
+    got = out.logits if hasattr(out, "logits") else out[0]
+    refused = []
+    for call in (lambda: ds(torch.zeros(1, 257, dtype=torch.long, device=ids.device)),
+                 lambda: ds.generate(torch.ones(200, dtype=torch.long), torch.ones(50, dtype=torch.long), max_new_tokens=8)):
+        try:
+            call()
+            refused.append(None)
+        except ValueError as exc:
+            refused.append(str(exc))
+    return dict(forward_err=float((got[..., : want.shape[-1]] - want).abs().max()),
+                forward_scale=float(want.abs().max()), forward_shape=list(got.shape),
+                ds_engine=type(ds.ds_engine).__name__, module=type(ds.module).__name__, refused=refused)

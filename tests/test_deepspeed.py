@@ -6,7 +6,7 @@ same weights and prompt (gloo, CPU processes):
 * Megatron-Core: a GPTModel built with Megatron's *own* layer spec (no APB) gets APB
   swapped in by ``init_inference``; the reference is a GPTModel built with the APB spec.
 * Hugging Face: a tiny random Llama (GQA) saved to disk; ``init_inference`` runs on the HF
-  model itself (APB attention swapped into its layers, DeepSpeed's injection-policy TP);
+  model itself (APB attention swapped into its layers, DeepSpeed's AutoTP);
   the reference is our engine on the same checkpoint converted to Megatron.
 
 Logits: the two paths run different code for the projections and MLPs (Megatron's layers
@@ -73,23 +73,9 @@ def test_megatron_model_cp2_same_tokens_as_engine(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    from safetensors.torch import save_file
+    from tests.deepspeed_workers import write_tiny_llama
 
-    from tests.test_checkpoint import _configs, _hf_model
-
-    root = tmp_path_factory.mktemp("ds_llama")
-    config = _configs()["llama_untied_v101"]  # 8 heads, 2 KV heads, head_dim 8, 2 layers
-    _hf_model(config, 21).save_pretrained(root / "model")
-    g = torch.Generator().manual_seed(4)
-    width = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
-    heads = {}
-    for i in range(config.num_hidden_layers):
-        heads[f"model.layers.{i}.self_attn.fc1.weight"] = 0.2 * torch.randn(48, width, generator=g)
-        heads[f"model.layers.{i}.self_attn.fc2.weight"] = 0.2 * torch.randn(config.num_key_value_heads, 48, generator=g)
-    save_file(heads, str(root / "heads.safetensors"))
-    doc = torch.randint(0, config.vocab_size, (44,), generator=g).tolist()
-    query = torch.randint(0, config.vocab_size, (5,), generator=g).tolist()
-    return str(root / "model"), str(root / "heads.safetensors"), doc, query
+    return write_tiny_llama(tmp_path_factory.mktemp("ds_llama"))
 
 
 HF_APB = dict(mode="apb", anchor_len=10, passing_len=4, query_prefix_len=2)
@@ -100,23 +86,40 @@ HF_CASES = [
 ]
 
 
+def _check_engine_forward(results, ids_len):
+    """The engine's forward after generate: the unsharded model's logits (fp32; summation
+    order differs under TP, hence LOGIT_TOL); max_out_tokens=256 refuses longer inputs."""
+    for res in results:
+        r = res["apb_query_attention"]
+        assert (r["ds_engine"], r["module"]) == ("InferenceEngine", "LlamaForCausalLM"), r
+        assert r["forward_shape"][:2] == [1, ids_len], r
+        assert r["forward_err"] <= LOGIT_TOL * max(1.0, r["forward_scale"]), r
+        assert "(257 tokens) exceeds the DeepSpeed config's max_out_tokens=256" in r["refused"][0], r
+        assert "(258 tokens) exceeds the DeepSpeed config's max_out_tokens=256" in r["refused"][1], r
+
+
 def test_hf_llama_cp2_same_tokens_as_engine(tiny_llama):
+    """init_inference with the "apb" section on 2 ranks (gloo): generate, then the
+    returned engine's forward."""
     path, heads, doc, query = tiny_llama
     results = run_distributed(hf_ds_vs_engine, 2, 1, 2, path, doc, query, 10, HF_CASES, heads, timeout=400)
     _check(results)
     r = results[0]["apb_query_attention"]
     assert r["kind"] == "hf" and r["attention"] == "HFAPBAttention"
+    _check_engine_forward(results, len(doc) + len(query) + 10)
 
 
 def test_hf_llama_deepspeed_tp2_cp2(tiny_llama):
-    """DeepSpeed's injection-policy TP (q_proj split by heads, retaining heads sharded by
-    ours) under APB over CP: 4 processes, TP groups {0,1}, {2,3}."""
+    """DeepSpeed's AutoTP (q_proj split by heads, retaining heads sharded by ours) under
+    APB over CP: 4 processes, TP groups {0,1}, {2,3}; the engine's forward after generate
+    runs the AutoTP-sharded model."""
     path, heads, doc, query = tiny_llama
     results = run_distributed(hf_ds_vs_engine, 4, 2, 2, path, doc, query, 6, HF_CASES[:2], heads, timeout=400)
     _check(results)
     for res in results:
         r = res["apb_query_attention"]
         assert r["q_proj"] == "LinearLayer" and r["q_rows"] == 32  # 8 heads x 8 / TP 2
+    _check_engine_forward(results, len(doc) + len(query) + 6)
 
 
 # ------------------------------------------------------------------ bad "apb" sections
@@ -139,13 +142,24 @@ def test_hf_llama_deepspeed_tp2_cp2(tiny_llama):
         ({"apb": {"query_prefix_len": True}}, "'query_prefix_len': expected int, got True"),
         ({"apb": {"heads": 3}}, "heads must be the path of a safetensors file"),
         ({"apb": {}, "replace_with_kernel_inject": True}, "would remove APB"),
+        ({"apb": {}, "kernel_inject": True}, "would remove APB"),
+        ({"apb": {}, "enable_cuda_graph": True}, "'enable_cuda_graph'=True would capture the module's forward"),
+        ({"apb": {}, "use_triton": True}, "'use_triton'=True belongs to DeepSpeed's kernel injection"),
+        ({"apb": {}, "quant": {"enabled": True}}, "'quant'={'enabled': True} quantizes"),
+        ({"apb": {}, "checkpoint": "/ckpt.json"}, "'checkpoint'='/ckpt.json' is DeepSpeed's checkpoint loading"),
+        ({"apb": {}, "moe": True}, "'moe'=True configures DeepSpeed MoE layers"),
+        ({"apb": {}, "mp_size": 2}, "use tensor_parallel.tp_size"),
+        ({"apb": {}, "max_out_tokens": 0}, "max_out_tokens must be a positive int"),
+        ({"apb": {}, "tensor_parallel": {"tp_size": 2, "tp_group": object()}}, "tensor_parallel.tp_group is made"),
+        ({"apb": {}, "tensor_parallel": {"size": 2}}, "unknown tensor_parallel key 'size'"),
+        ({"apb": {}, "max_new_tokens": 4}, "unknown inference key 'max_new_tokens'"),
     ],
 )
 def test_bad_apb_section_is_refused_clearly(config, message):
     with pytest.raises(APBConfigError) as info:
         split_config(config)
     assert message in str(info.value), str(info.value)
-    if "apb" in config and isinstance(config["apb"], dict) and config.get("replace_with_kernel_inject") is None:
+    if "apb" in config and isinstance(config["apb"], dict) and len(config) == 1:
         assert str(info.value).startswith('DeepSpeed config, "apb" section:')
 
 
@@ -205,3 +219,28 @@ def test_megatron_model_refuses_deepspeed_tp():
     section, rest = split_config({"tensor_parallel": {"tp_size": 2}, "apb": {}})
     with pytest.raises(APBConfigError, match="Megatron already splits its layers"):
         setup_megatron_model(object(), section, rest, None, None)
+
+
+def test_every_deepspeed_inference_key_is_honoured_or_refused():
+    """Each field and alias of the installed DeepSpeed's DeepSpeedInferenceConfig is in
+    exactly one table (a new DeepSpeed key fails here until it is classified); keys at
+    DeepSpeed's defaults pass; honoured keys pass through to DeepSpeed untouched."""
+    from deepspeed.inference.config import DeepSpeedInferenceConfig, DeepSpeedTPConfig
+
+    from megatron_apb.integrations.deepspeed.config import DS_HONOURED, DS_REFUSED, DS_TP_KEYS
+
+    def names(model):
+        return {n for name, f in model.model_fields.items() for n in (name, f.alias) if n}
+
+    assert names(DeepSpeedInferenceConfig) == set(DS_HONOURED) | set(DS_REFUSED)
+    assert not set(DS_HONOURED) & set(DS_REFUSED)
+    assert names(DeepSpeedTPConfig) == set(DS_TP_KEYS)
+    defaults = DeepSpeedInferenceConfig()
+    for key, (allowed, _) in DS_REFUSED.items():
+        field = next((n for n, f in DeepSpeedInferenceConfig.model_fields.items() if key in (n, f.alias)))
+        default = getattr(defaults, field)
+        assert any(a == default or (a == {} and hasattr(default, "model_fields")) for a in allowed), (key, default)
+        split_config({"apb": {}, key: allowed[0]})  # at DeepSpeed's default: accepted
+    rest = {"dtype": "fp16", "tensor_parallel": {"tp_size": 2, "tp_grain_size": 64}, "keep_module_on_host": True,
+            "max_out_tokens": 4096, "replace_with_kernel_inject": False, "enable_cuda_graph": False}
+    assert split_config(dict(rest, apb={}))[1] == rest

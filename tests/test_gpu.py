@@ -273,3 +273,26 @@ def test_sparse_kernel_two_x_rule():
     err = (out.double() - dense[0]).abs().max().item()
     base = (_plain_bf16(q, k, v, causal_mask(sq, sk, device="cuda"), scale).double() - dense[0]).abs().max().item()
     assert err <= 2 * base, (err, base)
+
+
+def test_deepspeed_init_inference_on_one_gpu(tmp_path):
+    """megatron_apb.integrations.deepspeed on one GPU: two CP ranks share it (gloo), the
+    Hugging Face model placed there by deepspeed.init_inference with the "apb" section;
+    generate gives our engine's tokens, then the returned engine's forward gives the
+    unsharded model's logits (fp32, TF32 off; bound as on CPU: tests/test_deepspeed.py)."""
+    pytest.importorskip("deepspeed")
+    from tests.deepspeed_workers import hf_ds_vs_engine, write_tiny_llama
+    from tests.distributed import run_distributed
+
+    path, heads, doc, query = write_tiny_llama(tmp_path)
+    section = dict(mode="apb", anchor_len=10, passing_len=4, query_prefix_len=2)
+    cases = [("apb_query_attention", dict(section), dict(section, cp_size=2))]
+    results = run_distributed(hf_ds_vs_engine, 2, 1, 2, path, doc, query, 8, cases, heads, "cuda", timeout=600)
+    for res in results:
+        r = res["apb_query_attention"]
+        assert r["device"] == "cuda" and r["cp"] == 2 and r["kind"] == "hf", r
+        assert list(r["got"]) == list(r["want"]) == list(results[0]["apb_query_attention"]["got"]), r
+        assert r["logit_err"] <= 1e-4, r
+        assert r["ds_engine"] == "InferenceEngine" and r["forward_shape"][:2] == [1, len(doc) + len(query) + 8], r
+        assert r["forward_err"] <= 1e-4 * max(1.0, r["forward_scale"]), r
+        assert all(m and "exceeds the DeepSpeed config's max_out_tokens=256" in m for m in r["refused"]), r

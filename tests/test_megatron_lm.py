@@ -4,10 +4,15 @@ Without a Megatron-LM checkout (megatron-core alone): the ``--apb-*`` argument g
 ``--spec`` object, and a GPTModel built from a Megatron-LM-shaped Namespace (world 1,
 against Megatron's own attention; CP 2, served through the server adapter).
 
+With Megatron-LM's sources (``MEGATRON_LM_DIR``: a clone, bare or not, holding the
+release tags, or a folder of per-tag trees ``<dir>/core_v0.19.0/``, ...): each supported
+tag's patch series (``patches/megatron_lm/<tag>/``) passes ``git apply --check`` against
+that tag's tree.
+
 With a checkout (``MEGATRON_LM_PATH=/path/to/Megatron-LM``, tag core_v0.16.1; Megatron-LM's
-``megatron.training`` also imports ``triton``): the patches apply (``git apply --check``),
-and Megatron-LM's own code runs on CPU under torchrun (tests/megatron_lm_worker.py):
-its argument parser with our flags, ``gpt_builder`` resolving ``--spec`` to our hook, a
+``megatron.training`` also imports ``triton`` and ``six``, the ``megatron-lm`` extra):
+Megatron-LM's own code runs on CPU under torchrun (tests/megatron_lm_worker.py): its
+argument parser with our flags, ``gpt_builder`` resolving ``--spec`` to our hook, a
 forward, and the patched text generation server's engine at CP = 2.
 """
 
@@ -15,7 +20,7 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
+import re
 import subprocess
 import sys
 import typing
@@ -27,8 +32,44 @@ from megatron_apb.errors import APBConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATCHES = os.path.join(ROOT, "patches", "megatron_lm")
-PATCH_FILES = {"0001-text-generation-server-apb-engine.patch": [os.path.join("tools", "run_text_generation_server.py")]}
+#: the supported Megatron-LM release tags: one patch series each (patches/megatron_lm/<tag>/)
+TAGS = ("core_v0.16.1", "core_v0.19.0")
 PINNED = "core_v0.16.1 (55ac7082517c3878ae653c07c09c534b8aed49f6)"
+
+
+def patch_series(tag):
+    """The patch files of ``tag``'s series, in the order they apply."""
+    folder = os.path.join(PATCHES, tag)
+    return [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(".patch")]
+
+
+def patched_files(patch):
+    """The paths a patch touches (its ``diff --git a/X b/X`` lines)."""
+    with open(patch, encoding="utf-8") as f:
+        return sorted(set(re.findall(r"^diff --git a/(\S+) b/", f.read(), flags=re.M)))
+
+
+def check_series(series, read_file, workdir):
+    """``git apply --check`` of each patch of ``series``, in order, against the files
+    ``read_file(path)`` returns (bytes, None when absent) copied into ``workdir`` (a git
+    repository of its own, so the paths are taken from its root); the patches before it
+    are applied first.  Returns (patch, git's message) of the first that fails, else None."""
+    subprocess.run(["git", "init", "-q", str(workdir)], check=True, capture_output=True, timeout=60)
+    for patch in series:
+        for path in patched_files(patch):
+            target = os.path.join(workdir, path)
+            if not os.path.exists(target):
+                data = read_file(path)
+                if data is not None:
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    with open(target, "wb") as f:
+                        f.write(data)
+        for args in (["--check"], []):
+            proc = subprocess.run(["git", "apply", *args, patch], cwd=workdir, capture_output=True, text=True,
+                                  timeout=60)
+            if proc.returncode:
+                return os.path.basename(patch), proc.stderr
+    return None
 SPEC_MODULE = "megatron_apb.integrations.megatron_lm"
 
 
@@ -350,12 +391,64 @@ def _torchrun(nproc, scenario, pythonpath, tmp_path):
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("patch", sorted(PATCH_FILES))
-def test_patch_applies_to_checkout(megatron_lm, patch):
-    proc = subprocess.run(["git", "apply", "--check", os.path.join(PATCHES, patch)], cwd=megatron_lm,
+def test_patch_series_are_laid_out_per_tag():
+    """One folder per supported tag, each with its series; no stray patch outside them."""
+    assert sorted(d for d in os.listdir(PATCHES) if os.path.isdir(os.path.join(PATCHES, d))) == sorted(TAGS)
+    assert not [f for f in os.listdir(PATCHES) if f.endswith(".patch")]
+    for tag in TAGS:
+        series = patch_series(tag)
+        assert series and all(patched_files(p) for p in series), tag
+
+
+def _megatron_lm_sources(tag):
+    """read_file(path) for ``tag``'s tree under MEGATRON_LM_DIR (skips without it)."""
+    root = os.environ.get("MEGATRON_LM_DIR")
+    if not root:
+        pytest.skip("set MEGATRON_LM_DIR to a Megatron-LM clone (with its release tags) or a folder of "
+                    f"per-tag trees ({', '.join(TAGS)}) to check the patch series")
+    tree = os.path.join(root, tag)
+    if os.path.isdir(tree):
+        def read_tree(path):
+            full = os.path.join(tree, path)
+            if not os.path.isfile(full):
+                return None
+            with open(full, "rb") as f:
+                return f.read()
+        return read_tree
+    proc = subprocess.run(["git", "-C", root, "rev-parse", "--verify", "--quiet", f"{tag}^{{commit}}"],
                           capture_output=True, text=True, timeout=60)
+    if proc.returncode:
+        pytest.skip(f"MEGATRON_LM_DIR={root} is neither a git clone holding tag {tag} nor a folder with {tag}/ "
+                    f"in it (git fetch --tags, or extract that tag's tree there)")
+
+    def read_git(path):
+        shown = subprocess.run(["git", "-C", root, "show", f"{tag}:{path}"], capture_output=True, timeout=60)
+        return shown.stdout if shown.returncode == 0 else None
+    return read_git
+
+
+@pytest.mark.parametrize("tag", TAGS)
+def test_patch_series_applies_to_its_tag(tag, tmp_path):
+    failed = check_series(patch_series(tag), _megatron_lm_sources(tag), tmp_path)
+    assert failed is None, f"patches/megatron_lm/{tag}/{failed[0]} does not apply to Megatron-LM {tag}: {failed[1]}"
+
+
+def series_for_checkout(path, tmp_path):
+    """The supported tag whose series applies to the checkout at ``path``."""
+    def read(rel):
+        full = os.path.join(path, rel)
+        return open(full, "rb").read() if os.path.isfile(full) else None
+
+    for tag in TAGS:
+        if check_series(patch_series(tag), read, tmp_path / tag) is None:
+            return tag
+    return None
+
+
+def test_a_patch_series_applies_to_checkout(megatron_lm, tmp_path):
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=megatron_lm, capture_output=True, text=True).stdout
-    assert proc.returncode == 0, f"{patch} at {head.strip() or megatron_lm} (made for {PINNED}): {proc.stderr}"
+    assert series_for_checkout(megatron_lm, tmp_path), (
+        f"no series of patches/megatron_lm ({', '.join(TAGS)}) applies to {head.strip() or megatron_lm}")
 
 
 def test_megatron_lm_spec_path_cpu(megatron_training, tmp_path):
@@ -381,12 +474,14 @@ def test_megatron_lm_spec_path_cpu(megatron_training, tmp_path):
 
 
 def test_megatron_lm_text_generation_server_cp2(megatron_training, tmp_path):
+    tag = series_for_checkout(megatron_training, tmp_path / "check")
+    assert tag, f"no series of patches/megatron_lm applies to {megatron_training}"
     patched = tmp_path / "patched"
-    for patch, files in PATCH_FILES.items():
-        for f in files:
-            os.makedirs(patched / os.path.dirname(f), exist_ok=True)
-            shutil.copy(os.path.join(megatron_training, f), patched / f)
-        subprocess.run(["git", "apply", os.path.join(PATCHES, patch)], cwd=patched, check=True, timeout=60)
+
+    def read(rel):
+        return open(os.path.join(megatron_training, rel), "rb").read()
+
+    assert check_series(patch_series(tag), read, patched) is None  # leaves the patched files in `patched`
     pythonpath = _pythonpath(str(patched), str(patched / "tools"), megatron_training)
     ranks = _torchrun(2, "server", pythonpath, tmp_path)["ranks"]
     assert [r["cp_rank"] for r in ranks] == [0, 1] and all(r["cp"] == 2 for r in ranks)

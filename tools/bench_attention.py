@@ -16,19 +16,38 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
+from timing_stats import DEFAULT_RUNS, spread  # noqa: E402  (tools/, this script's folder)
 
 
-def bench(fn, iters=10):
+def bench_runs(fn, iters=10, runs=DEFAULT_RUNS):
+    """Seconds per call of ``fn`` in each of ``runs`` timed runs of ``iters`` calls (CUDA
+    events), after 3 warm-up calls."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters / 1e3
+    times = []
+    for _ in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / iters / 1e3)
+    return times
+
+
+def bench(fn, iters=10, runs=DEFAULT_RUNS):
+    """Median seconds per call of ``fn`` over ``runs`` timed runs (see :func:`bench_runs`)."""
+    return spread("s", bench_runs(fn, iters, runs))["s"]
+
+
+def timed(name: str, fn, flops: float, runs: int) -> dict:
+    """``{name}_s`` (median, min, max over ``runs``) and ``{name}_tflops`` at the median."""
+    row = spread(f"{name}_s", bench_runs(fn, runs=runs))
+    row[f"{name}_tflops"] = flops / row[f"{name}_s"] / 1e12
+    return row
 
 
 def main():
@@ -42,6 +61,7 @@ def main():
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--backends", nargs="+", default=["cudnn", "flash", "efficient", "flex"])
+    p.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="timed runs of 10 calls each (median, min, max)")
     p.add_argument("--out")
     a = p.parse_args()
     h, kvh, d, la, b, P = a.heads, a.kv_heads, a.head_dim, a.anchor, a.block, a.passing
@@ -55,13 +75,13 @@ def main():
     pairs_causal = b * (b + 1) / 2
     rows = []
     for be in a.backends:
-        row = dict(backend=be)
+        row = dict(backend=be, runs=a.runs)
         try:
-            t = bench(lambda: apb_attention(q, k, v, anchor_len=la, passing_k=pk, passing_v=pv, backend=be))
-            row.update(apb_s=t, apb_tflops=4 * d * h * pairs_apb / t / 1e12)
+            row.update(timed("apb", lambda: apb_attention(q, k, v, anchor_len=la, passing_k=pk, passing_v=pv, backend=be),
+                             4 * d * h * pairs_apb, a.runs))
             qc, kc, vc = q[:, la:], k[:, la:], v[:, la:]
-            t = bench(lambda: attention_with_lse(qc, kc, vc, causal=True, backend=be))
-            row.update(causal_s=t, causal_tflops=4 * d * h * pairs_causal / t / 1e12)
+            row.update(timed("causal", lambda: attention_with_lse(qc, kc, vc, causal=True, backend=be),
+                             4 * d * h * pairs_causal, a.runs))
         except Exception as exc:  # a backend may not support the shape: record why
             row["error"] = f"{type(exc).__name__}: {exc}"[:300]
         print(json.dumps(row), flush=True)
@@ -73,8 +93,9 @@ def main():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        t = bench(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True))
-    yard = dict(backend="torch_sdpa_cudnn_causal", causal_s=t, causal_tflops=4 * d * h * pairs_causal / t / 1e12)
+        yard = dict(backend="torch_sdpa_cudnn_causal", runs=a.runs, **timed(
+            "causal", lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True),
+            4 * d * h * pairs_causal, a.runs))
     print(json.dumps(yard), flush=True)
     rows.append(yard)
     if a.out:

@@ -41,6 +41,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/: bench_prefill
 from bench_prefill import SHAPES, build  # noqa: E402  (also puts the repository root on sys.path)
+from timing_stats import add_spread  # noqa: E402
 
 GIB = 2**30
 MODE_NAMES = {"ours": "apb_engine_1gpu", "hf": "hf_sdpa_1gpu"}
@@ -214,6 +215,7 @@ def measure_ours(engine, length: int, args) -> dict:
         lambda t, p: runner.step(t, p)[0], token, position, args.warmup, args.steps)
     row.update(first_step_ms=first, decode_ms_per_token=statistics.median(times), step_ms=times,
                graph=runner.graph_enabled, all_finite=bool(runner.step(token, position)[1]))
+    add_spread(row, "decode_ms_per_token", "step_ms")
     position += 1
     del runner
 
@@ -223,6 +225,7 @@ def measure_ours(engine, length: int, args) -> dict:
             lambda t, p: runner.step(t, p)[0], token, position, args.warmup, args.steps)
         row.update(first_step_ms_eager=first, decode_ms_per_token_eager=statistics.median(times),
                    step_ms_eager=times)
+        add_spread(row, "decode_ms_per_token_eager", "step_ms_eager")
         del runner
     del cache
     return row
@@ -351,6 +354,7 @@ def measure_hf(model, calls: HFCalls, length: int, args) -> dict:
     first, times, _, _ = time_steps(step, token, position, args.warmup, args.steps)
     row = dict(prefill_s=prefill_s, first_step_ms=first, decode_ms_per_token=statistics.median(times),
                step_ms=times, hf_cache=type(cache).__name__)
+    add_spread(row, "decode_ms_per_token", "step_ms")
     del cache
     return row
 

@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
+from timing_stats import DEFAULT_RUNS, add_spread  # noqa: E402  (tools/, this script's folder)
 
 SHAPES = {
     "llama3-8b": dict(num_layers=32, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
@@ -324,7 +326,7 @@ def main():
                         "--no-fused: PyTorch's and Megatron's unfused chains")
     p.add_argument("--partition", default="equal", choices=["equal", "balanced"],
                    help="split of the document over the CP ranks (APBConfig.partition)")
-    p.add_argument("--iters", type=int, default=2)
+    p.add_argument("--iters", type=int, default=DEFAULT_RUNS, help="timed prefills per case (median, min, max)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--breakdown", action="store_true", help="profile one prefill per case")
     p.add_argument("--decode", type=int, default=0, help="also time this many decode steps")
@@ -356,6 +358,8 @@ def main():
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         meta = dict(device=torch.cuda.get_device_name(), gpus=rt.world, torch=torch.__version__,
                     command=" ".join(sys.argv))
+        for row in results:  # the median is prefill_s; its spread over the timed runs beside it
+            add_spread(row, "prefill_s", "times_s")
         with open(args.out, "w") as f:
             json.dump(dict(meta=meta, results=results), f, indent=1)
     dist.barrier()

@@ -1,6 +1,7 @@
 """Plot a decoding benchmark JSON (tools/bench_decode_model.py): milliseconds per token against
-context length (log2 axis), one line per mode (our eager steps dotted, where measured), the
-bandwidth bound dashed; skipped lengths are left out and listed under the plot.
+context length (log2 axis), one line and marker per mode (our eager steps dotted, where
+measured; bars from min to max where the JSON records them), the bandwidth bound dashed in
+black and named in the legend; skipped lengths are left out and listed under the plot.
 
     python tools/plot_decode.py results/decode_model_1gpu.json --out results/decode_model_1gpu.png
 
@@ -16,6 +17,7 @@ import sys
 
 LABELS = {"apb_engine_1gpu": "ours (APBEngine, CUDA graph)", "hf_sdpa_1gpu": "HF transformers (sdpa)"}
 EAGER_LABELS = {"apb_engine_1gpu": "ours (APBEngine, eager)"}
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 
 
 def _tokens(n: int) -> str:
@@ -28,8 +30,8 @@ def _tokens(n: int) -> str:
 
 
 def series(rows):
-    """{label: {length: ms}} of the measured rows, the bound's {length: ms}, and the
-    skipped rows as text."""
+    """{label: {length: (median, min, max) ms}} of the measured rows, the bound's
+    {length: ms}, and the skipped rows as text."""
     lines, bound, skipped = {}, {}, []
     for row in rows:
         mode, n = row.get("mode", "?"), row.get("length")
@@ -43,11 +45,12 @@ def series(rows):
         label = LABELS.get(mode, mode)
         if row.get("hf_cache"):
             label += f", {row['hf_cache']}"
-        if row.get("decode_ms_per_token") is not None:
-            lines.setdefault(label, {})[n] = row["decode_ms_per_token"]
-        if row.get("decode_ms_per_token_eager") is not None:
-            eager = EAGER_LABELS.get(mode, f"{mode} (eager)")
-            lines.setdefault(eager, {})[n] = row["decode_ms_per_token_eager"]
+        for key, name in (("decode_ms_per_token", label),
+                          ("decode_ms_per_token_eager", EAGER_LABELS.get(mode, f"{mode} (eager)"))):
+            ms = row.get(key)
+            if ms is not None:  # the spread: recorded, else from the timed steps' list
+                steps = row.get("step_ms" + key[len("decode_ms_per_token"):]) or [ms]
+                lines.setdefault(name, {})[n] = (ms, row.get(f"{key}_min", min(steps)), row.get(f"{key}_max", max(steps)))
     return lines, bound, skipped
 
 
@@ -80,22 +83,24 @@ def main():
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
     lengths = sorted(set(bound) | {n for pts in lines.values() for n in pts})
-    for label, points in lines.items():
+    for i, (label, points) in enumerate(lines.items()):
         xs = sorted(points)
-        style = ":" if "eager" in label else "-"
-        ax.plot(xs, [points[x] for x in xs], style, marker="o", label=label)
+        med = [points[x][0] for x in xs]
+        err = [[m - points[x][1] for x, m in zip(xs, med)], [points[x][2] - m for x, m in zip(xs, med)]]
+        ax.errorbar(xs, med, yerr=err if any(map(any, err)) else None, linestyle=":" if "eager" in label else "-",
+                    marker=MARKERS[i % len(MARKERS)], markersize=7, capsize=3, label=label)
     if bound:
         xs = sorted(bound)
         bw = meta.get("copy_bandwidth_gbs")
         label = "bound: weights + KV cache" + (f" at {bw:.0f} GB/s" if bw else "")
-        ax.plot(xs, [bound[x] for x in xs], "--", color="black", label=label)
+        ax.plot(xs, [bound[x] for x in xs], "--", color="black", marker="_", markersize=12, label=label)
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths)
     ax.set_xticklabels([_tokens(n) for n in lengths])
     ax.minorticks_off()
     ax.set_ylim(bottom=0)
     ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("ms per generated token")
+    ax.set_ylabel("ms per generated token (median; bars: min to max)")
     shape = meta.get("shape", "")
     layers = f", {meta['layers']} layers" if meta.get("layers") else ""
     device = meta.get("device", "unknown device")

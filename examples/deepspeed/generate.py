@@ -7,7 +7,7 @@ Run under torchrun (see generate.sh); world size = tensor_parallel.tp_size x apb
 
 A Hugging Face Llama-family checkpoint (``llama``, ``qwen2``, ``mistral``) is loaded with
 transformers, its attention replaced by APB attention and its layers sharded by DeepSpeed's
-injection policy (``megatron_apb.integrations.deepspeed.init_inference``).  Without ``--document-file``
+AutoTP (``megatron_apb.integrations.deepspeed.init_inference``).  Without ``--document-file``
 the prompt is the built-in pass-key retrieval task of ``--haystack-tokens`` tokens.
 """
 

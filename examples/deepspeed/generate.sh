@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # DeepSpeed inference with APB: DeepSpeed shards a Hugging Face Llama-family model
-# (tensor_parallel.tp_size, through its injection policy), megatron_apb splits the prompt
+# (tensor_parallel.tp_size, by its AutoTP), megatron_apb splits the prompt
 # over apb.cp_size ranks.  4 GPUs = DeepSpeed TP 2 x APB CP 2 with ds_config_apb.json.
 #
 #   MODEL=/models/Llama-3.1-8B-Instruct bash examples/deepspeed/generate.sh

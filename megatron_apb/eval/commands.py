@@ -156,7 +156,7 @@ def _cmd_eval(args) -> int:
             for path in dict.fromkeys(skip_from) for r in read_record_file(path, required=EVAL_FIELDS).records
             if r["ranks"] == cp}
 
-    rt = init_runtime(args.tp, args.dtype, timeout_s=args.timeout, backend=args.comm_backend)
+    rt = init_runtime(args.tp, args.dtype, timeout_s=args.timeout, backend=args.comm_backend, verbose=args.verbose)
     model, spec, _, base = load_model(args.model, base, rt, heads=args.heads)
     methods = eval_methods(base, modes, compressors, rt.cp)
     if log:

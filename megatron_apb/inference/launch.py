@@ -59,7 +59,8 @@ class Runtime:
 
 
 def add_runtime_args(parser, *, dtype_help: str = "default bf16 on GPU, fp32 on CPU"):
-    """``--tp``, ``--dtype`` and ``--timeout``: how a command lays out and runs the model."""
+    """``--tp``, ``--dtype``, ``--timeout`` and ``--verbose``: how a command lays out and
+    runs the model, and which ranks print."""
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (CP = processes / TP)")
     parser.add_argument("--dtype", choices=list(DTYPES), help=dtype_help)
 
@@ -77,6 +78,10 @@ def add_runtime_args(parser, *, dtype_help: str = "default bf16 on GPU, fp32 on 
         help="how long a rank waits for the others in a collective before it stops with an error "
         "naming the operation: a peer rank that is stopped, hung or dead ends the job instead of "
         f"hanging it (default: {DEFAULT_TIMEOUT_S:g})",
+    )
+    parser.add_argument(
+        "--verbose", action="store_true",
+        help="every rank prints its progress bars and library messages (default: the first rank only)",
     )
 
 
@@ -174,6 +179,34 @@ def _say_once(message: str) -> None:
         print(message, flush=True)
 
 
+def quiet_other_ranks(rank: int, verbose: bool = False) -> bool:
+    """Progress output from rank 0 only: on the other ranks (unless ``verbose``) the
+    progress bars of Hugging Face loading and conversion (transformers, huggingface_hub,
+    through their public switches; tqdm's ``TQDM_DISABLE`` for libraries imported later)
+    are off, transformers logs errors only, and Python warnings are silenced.  Errors
+    still reach stderr on every rank.  Returns whether this rank was quieted."""
+    if rank == 0 or verbose:
+        return False
+    os.environ["TQDM_DISABLE"] = "1"  # tqdm reads it when first imported
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    try:  # local: optional packages, switched off if present
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+        transformers_logging.set_verbosity_error()
+    except ImportError:
+        pass
+    try:  # local: optional package, switched off if present
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:
+        pass
+    warnings.simplefilter("ignore")
+    return True
+
+
 def quiet_warnings():
     """Megatron warns at import about optional fused kernels it falls back from."""
     for pattern in ("Transformer Engine", "Apex", "flex_attention called without"):
@@ -181,7 +214,8 @@ def quiet_warnings():
 
 
 def init_runtime(
-    tp: int = 1, dtype: Optional[str] = None, timeout_s: Optional[float] = None, backend: Optional[str] = None
+    tp: int = 1, dtype: Optional[str] = None, timeout_s: Optional[float] = None, backend: Optional[str] = None,
+    verbose: bool = False,
 ) -> Runtime:
     """Join the process group set up by ``torchrun`` (or a one-process group), make the
     TP x CP grid (CP = world / TP) and pick device and dtype (bf16 on GPU, fp32 on CPU).
@@ -197,8 +231,11 @@ def init_runtime(
     the rank, the operation and the group; a dead peer ends in ``CollectiveError``.  The
     process groups get timeout + grace (gloo: their own error; NCCL, with
     ``TORCH_NCCL_ASYNC_ERROR_HANDLING=1`` as torchrun sets it: the process is torn down).
+
+    ``verbose``: every rank prints progress (default: rank 0 only, :func:`quiet_other_ranks`).
     """
     quiet_warnings()
+    quiet_other_ranks(int(os.environ.get("RANK", "0")), verbose)
     timeout_s = DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
     if not 0 < timeout_s < float("inf"):
         raise APBConfigError(f"--timeout must be > 0 seconds, got {timeout_s}")

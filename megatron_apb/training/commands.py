@@ -79,7 +79,7 @@ def cmd_train_heads(args) -> int:
     from .trainer import RetainingHeadTrainer
 
     start = time.perf_counter()
-    rt = init_runtime(args.tp, args.dtype, timeout_s=args.timeout)
+    rt = init_runtime(args.tp, args.dtype, timeout_s=args.timeout, verbose=args.verbose)
     log = (lambda msg: print(msg, flush=True)) if rt.is_main else (lambda msg: None)
     log(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'} on {rt.world} process(es): "
         f"TP={rt.tp} x CP={rt.cp}, {str(rt.dtype).replace('torch.', '')} on {rt.device.type}")

@@ -2,9 +2,16 @@
 
 Its keys are every :class:`~megatron_apb.config.APBConfig` field (read by
 :func:`megatron_apb.configargs.config_from_mapping`, so a new field is a new key at once)
-plus two of the integration's own: ``cp_size`` (context-parallel ranks; default world /
-TP) and ``heads`` (a retaining-head checkpoint; alone, it selects
-``"compressor": "retaining_head"``).  Unknown keys are refused with the list of valid ones.
+plus three of the integration's own: ``cp_size`` (context-parallel ranks; default world /
+TP), ``heads`` (a retaining-head checkpoint; alone, it selects
+``"compressor": "retaining_head"``) and ``timeout``.  Unknown keys are refused with the
+list of valid ones.
+
+The rest of the config goes to ``deepspeed.init_inference``.  Each of its keys is either
+honoured (:data:`DS_HONOURED`) or refused with the reason (:data:`DS_REFUSED`, unless set
+to DeepSpeed's default, which changes nothing); a key in neither table is refused as
+unknown.  ``tests/test_deepspeed.py`` checks that the two tables cover every field (and
+alias) of the installed DeepSpeed's ``DeepSpeedInferenceConfig``.
 """
 
 from __future__ import annotations
@@ -39,6 +46,116 @@ class APBSection:
     cp_size: Optional[int] = None
     heads: Optional[str] = None
     timeout: Optional[float] = None
+
+
+#: DeepSpeed inference keys that take effect (aliases beside their names)
+DS_HONOURED = {
+    "dtype": "the model's dtype (default here: the model's own, not DeepSpeed's fp16)",
+    "tensor_parallel": "tp_size: DeepSpeed's AutoTP (or the injection_policy given) over this rank's TP "
+                       "group of the [dp, cp, tp] rank grid; tp_grain_size: AutoTP's shard granularity",
+    "tp": "alias of tensor_parallel",
+    "injection_policy": "DeepSpeed's TP by this policy instead of AutoTP (Hugging Face models)",
+    "injection_dict": "alias of injection_policy",
+    "keep_module_on_host": "the model stays in host memory",
+    "max_out_tokens": "prompt + generated tokens (generate) and input tokens (forward) are refused above it",
+    "max_tokens": "alias of max_out_tokens",
+    "replace_with_kernel_inject": "false only (kernel injection replaces the attention APB runs in)",
+    "kernel_inject": "alias of replace_with_kernel_inject",
+}
+_KERNELS = ("belongs to DeepSpeed's kernel injection, which would replace the attention APB runs in; "
+            "remove it")
+_CHECKPOINT = ("is DeepSpeed's checkpoint loading for kernel injection and meta-device models; load the "
+               "weights into the model (from_pretrained, megatron-apb convert) before init_inference")
+_MOE = "configures DeepSpeed MoE layers; the models APB serves (dense GPT, Llama, Qwen2, Mistral) have none"
+#: DeepSpeed inference keys refused unless at DeepSpeed's default: key -> (defaults, why)
+DS_REFUSED = {
+    "enable_cuda_graph": ((False,), "would capture the module's forward in one CUDA graph; APB's prefill "
+                          "runs collectives over the CP group and its decoder replays CUDA graphs of its "
+                          "own where a step has none; set it to false"),
+    "use_triton": ((False,), _KERNELS),
+    "triton_autotune": ((False,), _KERNELS),
+    "triangular_masking": ((True,), _KERNELS),
+    "tm": ((True,), _KERNELS),
+    "min_out_tokens": ((1,), _KERNELS),
+    "min_tokens": ((1,), _KERNELS),
+    "transposed_mode": ((False,), _KERNELS),
+    "return_tuple": ((True,), _KERNELS),
+    "replace_method": (("auto", ""), _KERNELS),
+    "config": ((None,), _KERNELS),
+    "args": ((None,), _KERNELS),
+    "injection_policy_tuple": ((None,), "is set by DeepSpeed itself; give injection_policy"),
+    "quant": (({}, {"enabled": False}), "quantizes through DeepSpeed's injected kernels, which would "
+              "replace the attention APB runs in; remove it"),
+    "zero": (({},), "ZeRO-Inference offload is not combined with APB; remove it"),
+    "checkpoint": ((None,), _CHECKPOINT),
+    "base_dir": (("",), _CHECKPOINT),
+    "checkpoint_config": (({},), _CHECKPOINT),
+    "ckpt_config": (({},), _CHECKPOINT),
+    "save_mp_checkpoint_path": ((None,), _CHECKPOINT),
+    "training_mp_size": ((1,), _CHECKPOINT),
+    "set_empty_params": ((False,), _CHECKPOINT),
+    "moe": (({}, False), _MOE),
+    "ep_size": ((1,), _MOE),
+    "ep_group": ((None,), _MOE),
+    "expert_group": ((None,), _MOE),
+    "ep_mp_group": ((None,), _MOE),
+    "moe_experts": (([1],), _MOE),
+    "expert_mp_group": ((None,), _MOE),
+    "moe_type": (("standard",), _MOE),
+    "mp_size": ((1,), "is deprecated in DeepSpeed; use tensor_parallel.tp_size"),
+    "mpu": ((None,), "is deprecated in DeepSpeed; pass the TP group as init_inference(..., tp_group=...)"),
+}
+#: keys of ``tensor_parallel`` and what becomes of them
+DS_TP_KEYS = {
+    "enabled": "true only: APB's TP group is DeepSpeed's",
+    "tp_size": "honoured (AutoTP)",
+    "tp_grain_size": "honoured (AutoTP)",
+    "mpu": "refused: pass the group as init_inference(..., tp_group=...)",
+    "tp_group": "refused: pass the group as init_inference(..., tp_group=...)",
+}
+
+
+def check_deepspeed_keys(ds_config: Mapping[str, Any]) -> None:
+    """Refuse, naming the key and the fix, every DeepSpeed inference key that this
+    integration would not honour (see :data:`DS_HONOURED`, :data:`DS_REFUSED`)."""
+    for key, value in ds_config.items():
+        if key in DS_HONOURED:
+            continue
+        if key in DS_REFUSED:
+            defaults, why = DS_REFUSED[key]
+            if not any(value == d and type(value) is type(d) for d in defaults):
+                raise APBConfigError(f"DeepSpeed config: {key!r}={value!r} {why}")
+            continue
+        raise APBConfigError(
+            f"DeepSpeed config: unknown inference key {key!r}; keys taken: "
+            f"{', '.join(sorted(DS_HONOURED))} (and {', '.join(sorted(DS_REFUSED))} at DeepSpeed's defaults)"
+        )
+    if ds_config.get("replace_with_kernel_inject") or ds_config.get("kernel_inject"):
+        raise APBConfigError(
+            'DeepSpeed config: "replace_with_kernel_inject": true replaces the attention with '
+            "DeepSpeed's fused kernels, which would remove APB; set it to false (DeepSpeed's "
+            "tensor parallelism still applies through tensor_parallel.tp_size)"
+        )
+    tp = ds_config.get("tensor_parallel", ds_config.get("tp"))
+    if isinstance(tp, Mapping):
+        for key, value in tp.items():
+            if key not in DS_TP_KEYS:
+                raise APBConfigError(f"DeepSpeed config: unknown tensor_parallel key {key!r}; "
+                                     f"valid: {', '.join(DS_TP_KEYS)}")
+            if key in ("mpu", "tp_group") and value is not None:
+                raise APBConfigError(f"DeepSpeed config: tensor_parallel.{key} is made from APB's [dp, cp, tp] "
+                                     "rank grid; pass a TP group of your own as init_inference(..., tp_group=...)")
+            if key == "enabled" and value is not True:
+                raise APBConfigError("DeepSpeed config: tensor_parallel.enabled must stay true (set tp_size 1 "
+                                     "for no tensor parallelism)")
+    max_out = ds_config.get("max_out_tokens", ds_config.get("max_tokens"))
+    if max_out is not None and (isinstance(max_out, bool) or not isinstance(max_out, int) or max_out < 1):
+        raise APBConfigError(f"DeepSpeed config: max_out_tokens must be a positive int, got {max_out!r}")
+
+
+def max_out_tokens_of(ds_config) -> Optional[int]:
+    """``max_out_tokens`` (or its alias ``max_tokens``) when the config sets it, else None."""
+    return ds_config.get("max_out_tokens", ds_config.get("max_tokens"))
 
 
 def section_error(message: str) -> APBConfigError:
@@ -100,7 +217,7 @@ def split_config(config) -> Tuple[APBSection, Dict[str, Any]]:
 
     Raises :class:`~megatron_apb.errors.APBConfigError` naming the key and the fix for a
     missing or malformed section, unknown keys (listing the valid ones), bad values, and
-    DeepSpeed settings that would remove APB (``replace_with_kernel_inject``).
+    DeepSpeed settings this integration would not honour (:func:`check_deepspeed_keys`).
     """
     ds_config = _load(config)
     if "apb" not in ds_config:
@@ -109,18 +226,13 @@ def split_config(config) -> Tuple[APBSection, Dict[str, Any]]:
             '"apb": {"mode": "apb", "cp_size": 2}'
         )
     section = read_section(ds_config.pop("apb"))
-    if ds_config.get("replace_with_kernel_inject"):
-        raise APBConfigError(
-            'DeepSpeed config: "replace_with_kernel_inject": true replaces the attention with '
-            "DeepSpeed's fused kernels, which would remove APB; set it to false (DeepSpeed's "
-            "tensor parallelism still applies through tensor_parallel.tp_size)"
-        )
+    check_deepspeed_keys(ds_config)
     return section, ds_config
 
 
 def tp_size_of(ds_config) -> int:
     """DeepSpeed's ``tensor_parallel.tp_size`` (1 when unset)."""
-    tp = ds_config.get("tensor_parallel") or {}
+    tp = ds_config.get("tensor_parallel", ds_config.get("tp")) or {}
     if not isinstance(tp, Mapping):  # a DeepSpeedTPConfig object
         tp = {"tp_size": getattr(tp, "tp_size", 1)}
     size = tp.get("tp_size", 1) or 1

@@ -23,7 +23,9 @@ Tensor parallelism of these layers is DeepSpeed's (``megatron_apb.integrations.d
 once it has sharded ``q_proj``/``k_proj``/``v_proj`` by heads, each rank's attention sees
 its own heads, and the core attention is sized for ``tp_group``.
 
-The model's own ``forward``/``generate`` do not run APB: run it through the engine.
+The model's own ``forward``/``generate`` still work and do not run APB: without a forward
+context each layer runs its original Hugging Face attention (exact, no CP; with DeepSpeed's
+sharded projections under TP), so the model stays usable beside the engine.
 """
 
 from __future__ import annotations
@@ -69,14 +71,13 @@ class HFAPBAttention(nn.Module):
         self.core_attention = core_attention
         self.head_dim = head_dim
         self.layer_idx = getattr(original, "layer_idx", None)
+        # the original attention, for forwards without an APB context; kept in a tuple so
+        # that its projections (the same modules as above) are not registered twice
+        self._hf_attention = (original,)
 
     def forward(self, hidden_states, *args, apb_context: Optional[ForwardContext] = None, **kwargs):
-        if apb_context is None:
-            raise RuntimeError(
-                "this model's attention was replaced by APB attention: run it through "
-                "megatron_apb (APBEngine / the object megatron_apb.integrations.deepspeed."
-                "init_inference returns), not through the Hugging Face forward or generate"
-            )
+        if apb_context is None:  # the model's own forward / generate: its exact attention
+            return self._hf_attention[0](hidden_states, *args, **kwargs)
         b, s, _ = hidden_states.shape
 
         def heads(proj):  # [b, s, heads*d] -> Megatron's [s, b, heads, d]
@@ -153,7 +154,7 @@ class HFModelForAPB(nn.Module):
     :class:`~megatron_apb.inference.APBEngine`.
 
     Builds the APB attention in place (:func:`swap_in_apb_attention`).  Build it *after*
-    DeepSpeed has sharded ``hf_model`` (DeepSpeed's injection policy replaces every
+    DeepSpeed has sharded ``hf_model`` (DeepSpeed's AutoTP or injection policy replaces every
     ``nn.Linear`` of a decoder layer, the retaining heads' too); the model may still be
     moved or cast afterwards: the adapter looks its modules up on every call.
     """

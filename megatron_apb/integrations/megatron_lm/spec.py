@@ -10,7 +10,6 @@ the ``TransformerConfig``, with APB attention configured by :func:`.args.current
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel, gpt_layer_specs
@@ -21,7 +20,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from ...errors import APBConfigError
 from ...megatron.layer import APBTransformerLayer
 from ...megatron.spec import HAVE_TE, get_gpt_layer_apb_spec
-from .args import current_apb_config
+from .args import current_apb_config, megatron_lm_args
 from .prepare import prepare_megatron_lm_model
 
 #: the package whose ``gpt_layer_apb_spec`` ``--spec`` names
@@ -92,24 +91,20 @@ class MegatronLMAPBTransformerLayer(APBTransformerLayer):
 gpt_layer_apb_spec = ModuleSpec(module=MegatronLMAPBTransformerLayer, submodules=_ChosenAtBuild())
 
 
-def _megatron_training_available() -> bool:
-    try:
-        return importlib.util.find_spec("megatron.training") is not None
-    except (ImportError, ValueError):
-        return False
-
-
 def transformer_config_from_args(args):
     """A ``TransformerConfig`` from Megatron-LM-style ``args``.
 
-    Inside a Megatron-LM checkout this is Megatron-LM's own
-    ``core_transformer_config_from_args``.  With megatron-core alone it is the subset a
-    dense GPT needs, translated the same way: every ``TransformerConfig`` field found in
-    ``args``, then ``--swiglu``, ``--group-query-attention``/``--num-query-groups``,
-    ``--no-persist-layer-norm``, ``--num-experts``, ``--rotary-interleaved``.
+    Inside Megatron-LM (its arguments parsed and set, as when its ``model_provider``
+    runs) this is Megatron-LM's own ``core_transformer_config_from_args``, which reads
+    every one of its arguments.  Otherwise (megatron-core alone, or a Namespace of one's
+    own; megatron-core 0.19 wheels ship ``megatron.training`` too, so its presence says
+    nothing) it is the subset a dense GPT needs, translated the same way: every
+    ``TransformerConfig`` field found in ``args``, then ``--swiglu``,
+    ``--group-query-attention``/``--num-query-groups``, ``--no-persist-layer-norm``,
+    ``--num-experts``, ``--rotary-interleaved``.
     """
-    if _megatron_training_available():
-        # local: megatron.training exists only in a Megatron-LM checkout, not in megatron-core
+    if megatron_lm_args() is not None:
+        # local: megatron.training is imported only inside Megatron-LM
         from megatron.training.arguments import core_transformer_config_from_args
 
         return core_transformer_config_from_args(args)
