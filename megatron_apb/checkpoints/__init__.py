@@ -38,6 +38,8 @@ from .build import build_model, load_into_model, set_rope_inv_freq
 from .convert import hf_shapes, hf_to_megatron
 from .families import SUPPORTED_ROPE_TYPES, KeyMap, ModelFamily, family_for, register_family, supported_model_types
 from .io import (
+    Checkpoint,
+    open_checkpoint,
     FORMAT_NAME,
     FORMAT_VERSION,
     MARKER_FILE,
@@ -48,7 +50,9 @@ from .io import (
     load_tokenizer,
     save_converted,
 )
+from .reader import CheckpointReader
 from .sharding import shard_for_tp
+from .stream import load_shard, shard_heads
 from .spec import MEGATRON_LLAMA3_DEFAULTS, ModelSpec
 
 __all__ = [
@@ -61,6 +65,11 @@ __all__ = [
     "family_for",
     "supported_model_types",
     "load_hf_checkpoint",
+    "open_checkpoint",
+    "Checkpoint",
+    "CheckpointReader",
+    "load_shard",
+    "shard_heads",
     "build_model",
     "load_into_model",
     "set_rope_inv_freq",

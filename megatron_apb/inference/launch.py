@@ -259,31 +259,38 @@ def load_model(path: Optional[str], apb_config: APBConfig, rt: Runtime, *, heads
     """Build the Megatron GPTModel for checkpoint ``path`` (HF directory, GGUF file, or
     converted checkpoint; None: the embedded SmolLM2 default) on this rank's TP shard.
 
+    The model is built in ``rt.dtype`` on ``rt.device`` without initialising its weights;
+    each tensor's shard is then read from the files and copied in, one at a time
+    (:func:`~megatron_apb.checkpoints.load_shard`): no rank reads more than its shard or
+    holds a float32 copy.  Rank 0 shows the progress.
+
     ``heads``: a retaining-head checkpoint (reference layout) to load; the model then has
     retaining heads and ``apb_config`` is returned with their width.
 
     Returns (model, spec, tokenizer, apb_config).
     """
     # local: the checkpoints package imports Megatron-Core, and this module builds every parser
-    from ..checkpoints import build_model, default_checkpoint, load_hf_checkpoint, load_into_model
+    from ..checkpoints import build_model, default_checkpoint, load_shard, open_checkpoint, shard_heads
 
     path = path or default_checkpoint(report=_say_once)
-    spec, state, tokenizer = load_hf_checkpoint(path)
+    ckpt = open_checkpoint(path, report=_say_once)
+    spec, extra = ckpt.spec, None
     if heads is not None:
-        state.update(
-            heads_to_megatron(
-                read_retaining_heads(heads), num_layers=spec.num_layers,
-                num_heads=spec.num_attention_heads, num_kv_heads=spec.num_query_groups,
-                head_dim=spec.kv_channels,
-            )
+        full = heads_to_megatron(
+            read_retaining_heads(heads), num_layers=spec.num_layers,
+            num_heads=spec.num_attention_heads, num_kv_heads=spec.num_query_groups,
+            head_dim=spec.kv_channels,
         )
-        hidden = state[next(k for k in state if k.endswith("retaining_head.fc1.weight"))].shape[0]
+        hidden = full[next(k for k in full if k.endswith("retaining_head.fc1.weight"))].shape[0]
         apb_config = apb_config.replace(retaining_head_hidden=hidden)
+        extra = shard_heads(full, spec, rt.tp_rank, rt.tp)
     model = build_model(
-        spec, apb_config, pg_collection=rt.pg, tp_size=rt.tp, cp_size=rt.cp,
-        config_overrides=dict(perform_initialization=False), parallel_output=False,
+        spec, apb_config, pg_collection=rt.pg, tp_size=rt.tp, cp_size=rt.cp, dtype=rt.dtype,
+        config_overrides=dict(perform_initialization=False, use_cpu_initialization=rt.device.type == "cpu"),
+        parallel_output=False,
     )
-    load_into_model(model, state, spec, rt.tp_rank, rt.tp)
-    del state
-    model = model.to(device=rt.device, dtype=rt.dtype).eval()
-    return model, spec, tokenizer, apb_config
+    with ckpt.reader:
+        load_shard(model, ckpt.reader, spec, rt.tp_rank, rt.tp, megatron_names=ckpt.megatron_names,
+                   where=path, extra=extra, progress=rt.is_main)
+    model = model.to(device=rt.device).eval()
+    return model, spec, ckpt.tokenizer(), apb_config
