@@ -292,5 +292,6 @@ def load_model(path: Optional[str], apb_config: APBConfig, rt: Runtime, *, heads
     with ckpt.reader:
         load_shard(model, ckpt.reader, spec, rt.tp_rank, rt.tp, megatron_names=ckpt.megatron_names,
                    where=path, extra=extra, progress=rt.is_main)
-    model = model.to(device=rt.device).eval()
+    # the norms Megatron makes in float32 whatever params_dtype says (vectors); the rest is in place
+    model = model.to(device=rt.device, dtype=rt.dtype).eval()
     return model, spec, ckpt.tokenizer(), apb_config
