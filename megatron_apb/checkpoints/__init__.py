@@ -39,6 +39,7 @@ from .convert import hf_shapes, hf_to_megatron
 from .families import SUPPORTED_ROPE_TYPES, KeyMap, ModelFamily, family_for, register_family, supported_model_types
 from .io import (
     Checkpoint,
+    eos_token_ids,
     open_checkpoint,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -66,6 +67,7 @@ __all__ = [
     "supported_model_types",
     "load_hf_checkpoint",
     "open_checkpoint",
+    "eos_token_ids",
     "Checkpoint",
     "CheckpointReader",
     "load_shard",

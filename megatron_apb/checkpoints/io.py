@@ -20,7 +20,7 @@ import importlib.util
 import json
 import os
 import re
-from typing import Dict, Mapping, Optional
+from typing import Dict, List, Mapping, Optional
 
 from dataclasses import dataclass
 
@@ -297,6 +297,29 @@ def load_tokenizer(path):
         raise
     except Exception as exc:
         raise _gguf_error(path, exc) from exc
+
+
+def eos_token_ids(path, tokenizer=None) -> List[int]:
+    """The ids that end generation for checkpoint ``path``: ``eos_token_id`` of its
+    ``generation_config.json`` and of its ``config.json`` (an id or a list of ids; Llama 3.x
+    lists several), and ``tokenizer``'s, in that order, without repeats."""
+    path = os.fspath(path)
+    found: List[int] = []
+    if os.path.isdir(path):
+        for name in ("generation_config.json", "config.json"):
+            f = os.path.join(path, name)
+            data = _read_json(f, REDOWNLOAD) if os.path.isfile(f) else None
+            value = data.get("eos_token_id") if isinstance(data, dict) else None
+            for v in value if isinstance(value, (list, tuple)) else [value]:
+                if v is not None:
+                    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                        raise CheckpointError(f"{f}: eos_token_id {value!r} is not a token id or a list of them; "
+                                              f"{REDOWNLOAD}")
+                    found.append(v)
+    tok_eos = getattr(tokenizer, "eos_token_id", None)
+    if tok_eos is not None:
+        found.append(int(tok_eos))
+    return list(dict.fromkeys(found))
 
 
 def default_model_path() -> str:

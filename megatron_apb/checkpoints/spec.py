@@ -79,6 +79,11 @@ class ModelSpec:
                 f"attention_bias=True ({model_type} q/k/v/o projection biases) is not "
                 "supported: the Megatron layer has no linear_proj bias without MLP biases"
             )
+        for name in ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size"):
+            if get(name):
+                raise UnsupportedModelError(
+                    f"{name}={get(name)}: mixture-of-experts models are not supported (only dense MLPs)"
+                )
         if get("mlp_bias", False):
             raise UnsupportedModelError("mlp_bias=True is not supported (Megatron add_bias_linear=False)")
         family.check_sliding_window(get)
@@ -127,6 +132,25 @@ class ModelSpec:
         if self.kv_channels % 2:
             raise ValueError(f"head_dim ({self.kv_channels}) must be even for RoPE")
         return self
+
+    def rope_description(self) -> str:
+        """The RoPE scaling in words, for messages."""
+        if self.rope_scaling_type == "llama3":
+            return (f"llama3 RoPE scaling, factor {self.rope_scaling_factor:g} from "
+                    f"{self.rope_original_max_position_embeddings} original positions")
+        if self.rope_scaling_type == "linear":
+            return f"linear RoPE scaling, factor {self.rope_scaling_factor:g}"
+        return "no RoPE scaling"
+
+    def check_positions(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """Refuse a prompt plus answer longer than the model's positions, naming both numbers."""
+        need = prompt_tokens + max_new_tokens
+        if need > self.max_position_embeddings:
+            raise UnsupportedModelError(
+                f"the prompt ({prompt_tokens} tokens) plus max_new_tokens ({max_new_tokens}) is {need} positions, "
+                f"more than the model's max_position_embeddings={self.max_position_embeddings} "
+                f"({self.rope_description()}): shorten the prompt or lower max_new_tokens"
+            )
 
     # -------------------------------------------------------------- Megatron side
     def padded_vocab(self, tp_size: int = 1) -> int:

@@ -168,6 +168,15 @@ def load_tokenizer(path: Optional[str]):
     return tokenizer
 
 
+def checkpoint_spec(path: Optional[str]):
+    """The :class:`~megatron_apb.checkpoints.ModelSpec` of checkpoint ``path`` (None: the
+    embedded SmolLM2) from its config and file headers, without reading weights: a config
+    the family cannot serve, or a missing or truncated shard, is refused here."""
+    from ..checkpoints import default_checkpoint, open_checkpoint  # local: imports Megatron-Core
+
+    return open_checkpoint(path or default_checkpoint(report=_say_once), report=_say_once).spec
+
+
 def _say_once(message: str) -> None:
     """Progress of one-off work (the default model's conversion) from the first process only."""
     if int(os.environ.get("RANK", "0")) == 0:
