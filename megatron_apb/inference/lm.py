@@ -13,14 +13,14 @@ prints on rank 0 only).  The command line's ``generate`` is a layer over this cl
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple, Union
 
 from ..config import APBConfig
 from ..data import tokenize_prompt
 from ..errors import APBConfigError
-from .launch import _say_once, init_runtime, load_model, load_tokenizer
+from .. import inference  # lazy package: APBEngine (Megatron-Core) loads on first use
+from .launch import init_runtime, load_model, load_tokenizer
 from .sampling import SamplingConfig, StopStrings
 
 Prompt = Union[str, Tuple[str, str]]
@@ -40,6 +40,16 @@ class Generation:
     layout: dict = field(default_factory=dict)
 
 
+def eos_ids(path: Optional[str], tokenizer) -> List[int]:
+    """The ids that end generation: the checkpoint's (generation_config.json, config.json,
+    lists included) and the tokenizer's."""
+    if path is None:
+        return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    from ..checkpoints import eos_token_ids  # local: the checkpoints package imports Megatron-Core
+
+    return eos_token_ids(path, tokenizer)
+
+
 class LongContextLM:
     """A checkpoint loaded for long-context generation over TP x CP processes.
 
@@ -49,7 +59,7 @@ class LongContextLM:
     ``engine`` (:class:`~megatron_apb.inference.APBEngine`), ``eos_ids``.
     """
 
-    def __init__(self, engine, tokenizer, spec, runtime, eos_ids: Sequence[int], path: str):
+    def __init__(self, engine, tokenizer, spec, runtime, eos_ids: Sequence[int], path: Optional[str]):
         self.engine, self.tokenizer, self.spec, self.runtime = engine, tokenizer, spec, runtime
         self.eos_ids, self.path = list(eos_ids), path
 
@@ -71,23 +81,18 @@ class LongContextLM:
         :class:`~megatron_apb.config.APBConfig` fields (or a whole ``apb_config``).
         Under ``torchrun`` every rank calls this; alone, it makes a one-process group.
         """
-        from ..checkpoints import default_checkpoint, eos_token_ids  # local: imports Megatron-Core
-
         if apb_config is None:
             apb_options.setdefault("compressor", "retaining_head" if heads else "query_attention")
             apb_config = APBConfig(mode=cp_mode, **apb_options)
         elif apb_options:
             apb_config = apb_config.replace(**apb_options)
-        path = path or default_checkpoint(report=_say_once)
         tokenizer = load_tokenizer(path)
         rt = init_runtime(tp, dtype, timeout_s=timeout_s)
         model, spec, _, apb_config = load_model(path, apb_config, rt, heads=heads)
-        from .engine import APBEngine  # local: Megatron-Core
-
         say = (lambda msg: print(msg, flush=True)) if rt.is_main else None
-        engine = APBEngine(model, apb_config, cp_group=rt.pg.cp, tp_group=rt.pg.tp, vocab_size=spec.vocab_size,
-                           pad_id=tokenizer.pad_token_id or 0, progress=say)
-        return cls(engine, tokenizer, spec, rt, eos_token_ids(path, tokenizer), os.fspath(path))
+        engine = inference.APBEngine(model, apb_config, cp_group=rt.pg.cp, tp_group=rt.pg.tp,
+                                     vocab_size=spec.vocab_size, pad_id=tokenizer.pad_token_id or 0, progress=say)
+        return cls(engine, tokenizer, spec, rt, eos_ids(path, tokenizer), path)
 
     # ------------------------------------------------------------------ prompts
     def encode(self, prompt: Prompt, query_tokens: int = 32):
