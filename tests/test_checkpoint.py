@@ -69,6 +69,11 @@ def _configs():
             rope_scaling=dict(rope_type="llama3", factor=4.0, low_freq_factor=2.0,
                               high_freq_factor=8.0, original_max_position_embeddings=32),
         ),
+        # Qwen2.5's YaRN (inv_freq ramp and attention factor 1 + 0.1 ln 4), active at these positions
+        "qwen2_yarn": Qwen2Config(
+            vocab_size=96, **{**TINY, "max_position_embeddings": 64},
+            rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16),
+        ),
         "llama_linear_rope": LlamaConfig(
             vocab_size=96, **TINY, rope_scaling=dict(rope_type="linear", factor=2.0)
         ),
@@ -110,7 +115,7 @@ def hf_cases(tmp_path_factory):
             name=name, path=str(path), tokens=tokens.numpy(), logits=logits.numpy(),
             inv_freq=model.model.rotary_emb.inv_freq.float().numpy(),
         )
-        if name == "llama3_rope_custom":
+        if name in ("llama3_rope_custom", "qwen2_yarn"):
             # the same weights without scaling give clearly different logits, so matching
             # the scaled ones shows the scaling is applied
             plain = type(config)(**{**config.to_dict(), "rope_scaling": None, "rope_parameters": None})
@@ -138,8 +143,9 @@ def _report(label, results, cases, seconds):
 
 
 def test_scaling_variants_are_distinguishable(hf_cases):
-    case = next(c for c in hf_cases if c["name"] == "llama3_rope_custom")
-    assert case["unscaled_diff"] > 1e-2
+    for name in ("llama3_rope_custom", "qwen2_yarn"):
+        case = next(c for c in hf_cases if c["name"] == name)
+        assert case["unscaled_diff"] > 1e-2, name
 
 
 @pytest.mark.parametrize("tp,cp,load_errors", [(1, 1, True), (1, 2, False), (2, 2, True)], ids=["cp1", "cp2", "tp2_cp2"])

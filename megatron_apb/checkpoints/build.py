@@ -160,7 +160,7 @@ def build_model(
     kwargs.update(gpt_kwargs)
     model = build_gpt_model(
         config, apb_config, vocab_size=spec.padded_vocab(tp_size),
-        max_sequence_length=max_sequence_length or spec.max_position_embeddings,
+        max_sequence_length=max_sequence_length or spec.max_positions,
         pg_collection=pg_collection, **kwargs,
     )
     if spec.needs_inv_freq_override():

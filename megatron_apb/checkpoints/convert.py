@@ -105,8 +105,10 @@ def hf_to_megatron(hf_state_dict: Mapping[str, Tensor], spec: ModelSpec, *, stri
     g, d = spec.num_query_groups, spec.kv_channels
     per_group = spec.num_attention_heads // g * d
 
+    s = spec.rope_qk_scale()  # YaRN's attention factor, folded into q and k
+
     def interleave(q, k, v):
-        return interleave_qkv(q, k, v, g, per_group, d)
+        return interleave_qkv(q * s, k * s, v, g, per_group, d) if s != 1 else interleave_qkv(q, k, v, g, per_group, d)
 
     out = {"embedding.word_embeddings.weight": state[keys.embed + ".weight"]}
     for i in range(spec.num_layers):

@@ -8,6 +8,7 @@ inverse frequencies).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -30,7 +31,11 @@ class ModelSpec:
 
     ``rope_scaling_type`` is None (plain RoPE), ``"llama3"`` (``rope_scaling_factor``,
     ``rope_low_freq_factor``, ``rope_high_freq_factor``,
-    ``rope_original_max_position_embeddings``) or ``"linear"`` (``rope_scaling_factor``).
+    ``rope_original_max_position_embeddings``), ``"linear"`` (``rope_scaling_factor``) or
+    ``"yarn"`` (``rope_scaling_factor``, ``rope_original_max_position_embeddings``,
+    ``rope_beta_fast``, ``rope_beta_slow``, ``rope_attention_factor``, ``rope_truncate``).
+    YaRN's attention factor multiplies cos and sin; RoPE being linear, the Megatron state
+    holds it folded into the q and k rows of ``linear_qkv`` (:meth:`rope_qk_scale`).
     """
 
     model_type: str
@@ -51,6 +56,10 @@ class ModelSpec:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_position_embeddings: int = 8192
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_attention_factor: Optional[float] = None
+    rope_truncate: bool = True
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -116,6 +125,10 @@ class ModelSpec:
             rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
             rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
             rope_original_max_position_embeddings=int(rope.get("original_max_position_embeddings", 8192)),
+            rope_beta_fast=float(rope.get("beta_fast", 32.0)),
+            rope_beta_slow=float(rope.get("beta_slow", 1.0)),
+            rope_attention_factor=rope.get("attention_factor"),
+            rope_truncate=bool(rope.get("truncate", True)),
         )
         spec.validate()
         return spec
@@ -127,14 +140,34 @@ class ModelSpec:
                 f"num_key_value_heads ({self.num_query_groups}) must divide num_attention_heads "
                 f"({self.num_attention_heads})"
             )
-        if self.rope_scaling_type not in (None, "llama3", "linear"):
+        if self.rope_scaling_type not in (None, "llama3", "linear", "yarn"):
             raise ValueError(f"rope_scaling_type={self.rope_scaling_type!r} is not supported")
         if self.kv_channels % 2:
             raise ValueError(f"head_dim ({self.kv_channels}) must be even for RoPE")
         return self
 
+    @property
+    def max_positions(self) -> int:
+        """The positions the model serves: ``max_position_embeddings``, or with YaRN the
+        original positions times the factor when that is more."""
+        if self.rope_scaling_type == "yarn":
+            return max(self.max_position_embeddings,
+                       int(self.rope_original_max_position_embeddings * self.rope_scaling_factor))
+        return self.max_position_embeddings
+
+    def rope_qk_scale(self) -> float:
+        """The factor on q and k (each) that YaRN's attention factor amounts to (1 otherwise)."""
+        if self.rope_scaling_type != "yarn":
+            return 1.0
+        if self.rope_attention_factor is not None:
+            return float(self.rope_attention_factor)
+        return 1.0 if self.rope_scaling_factor <= 1 else 0.1 * math.log(self.rope_scaling_factor) + 1.0
+
     def rope_description(self) -> str:
         """The RoPE scaling in words, for messages."""
+        if self.rope_scaling_type == "yarn":
+            return (f"YaRN RoPE scaling, factor {self.rope_scaling_factor:g} from "
+                    f"{self.rope_original_max_position_embeddings} original positions")
         if self.rope_scaling_type == "llama3":
             return (f"llama3 RoPE scaling, factor {self.rope_scaling_factor:g} from "
                     f"{self.rope_original_max_position_embeddings} original positions")
@@ -145,11 +178,12 @@ class ModelSpec:
     def check_positions(self, prompt_tokens: int, max_new_tokens: int) -> None:
         """Refuse a prompt plus answer longer than the model's positions, naming both numbers."""
         need = prompt_tokens + max_new_tokens
-        if need > self.max_position_embeddings:
+        if need > self.max_positions:
             raise UnsupportedModelError(
                 f"the prompt ({prompt_tokens} tokens) plus max_new_tokens ({max_new_tokens}) is {need} positions, "
-                f"more than the model's max_position_embeddings={self.max_position_embeddings} "
-                f"({self.rope_description()}): shorten the prompt or lower max_new_tokens"
+                f"more than the model's {self.max_positions} (max_position_embeddings="
+                f"{self.max_position_embeddings}, {self.rope_description()}): shorten the prompt or lower "
+                "max_new_tokens"
             )
 
     # -------------------------------------------------------------- Megatron side
@@ -219,7 +253,9 @@ class ModelSpec:
         return kwargs
 
     def needs_inv_freq_override(self) -> bool:
-        """True when the llama3 constants differ from Megatron's hard-coded ones."""
+        """True for YaRN, and when the llama3 constants differ from Megatron's hard-coded ones."""
+        if self.rope_scaling_type == "yarn":
+            return True
         if self.rope_scaling_type != "llama3":
             return False
         mine = dict(
@@ -254,6 +290,8 @@ class ModelSpec:
                 high_freq_factor=self.rope_high_freq_factor,
                 original_max_position_embeddings=self.rope_original_max_position_embeddings,
             )
+        elif self.rope_scaling_type == "yarn":
+            inv_freq = _yarn_inv_freq(inv_freq, d, self)
         return inv_freq
 
     # ------------------------------------------------------------ serialization
@@ -288,6 +326,26 @@ class ModelSpec:
         if not self.tie_word_embeddings:
             shapes["output_layer.weight"] = (self.vocab_size, h)
         return shapes
+
+
+def _yarn_inv_freq(inv_freq: Tensor, d: int, spec: "ModelSpec") -> Tensor:
+    """YaRN (Peng et al. 2023): frequencies that turn fewer than ``beta_slow`` times over
+    the original context are interpolated (divided by the factor), those that turn more than
+    ``beta_fast`` times are kept, with a linear ramp between the two dimensions."""
+    base, original = spec.rope_theta, spec.rope_original_max_position_embeddings
+
+    def dim_of(rotations):  # the dimension whose frequency turns `rotations` times over `original`
+        return d * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_of(spec.rope_beta_fast), dim_of(spec.rope_beta_slow)
+    if spec.rope_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: the original frequency, 0: interpolated
+    return inv_freq / spec.rope_scaling_factor * (1 - keep) + inv_freq * keep
 
 
 # ------------------------------------------------------------------- config parsing
@@ -352,4 +410,15 @@ def rope_parameters(get, max_pos: int, rope_types: Sequence[str] = SUPPORTED_ROP
         if params.get("factor") is None:
             raise UnsupportedModelError(f"{field} (linear) lacks 'factor'")
         out.update(rope_scaling_type="linear", factor=float(params["factor"]))
+    elif kind == "yarn":
+        if params.get("mscale") or params.get("mscale_all_dim"):
+            raise UnsupportedModelError(f"{field} (yarn) mscale / mscale_all_dim are not supported")
+        original = params.get("original_max_position_embeddings") or max_pos
+        factor = params.get("factor") or max_pos / original
+        out.update(
+            rope_scaling_type="yarn", factor=float(factor), original_max_position_embeddings=int(original),
+            beta_fast=float(params.get("beta_fast") or 32.0), beta_slow=float(params.get("beta_slow") or 1.0),
+            attention_factor=None if params.get("attention_factor") is None else float(params["attention_factor"]),
+            truncate=bool(params.get("truncate", True)),
+        )
     return out

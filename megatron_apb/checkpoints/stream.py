@@ -6,7 +6,8 @@ What a rank reads for each Megatron tensor (``spec`` layout, TP size ``t``, rank
 
 * ``linear_qkv`` (weight, bias): the q rows of its query groups and the k and v rows of
   the same groups (three contiguous row ranges of ``q_proj``/``k_proj``/``v_proj``, or one
-  of a converted checkpoint's interleaved ``linear_qkv``), interleaved per group;
+  of a converted checkpoint's interleaved ``linear_qkv``), interleaved per group (q and k
+  times YaRN's attention factor, as :func:`~.convert.hf_to_megatron` gives them);
 * ``linear_fc1``: its row chunk of ``gate_proj`` and of ``up_proj``;
 * ``linear_proj``, ``linear_fc2``: its column chunk;
 * embedding and output layer: its rows of the vocabulary padded to a multiple of ``t``
@@ -27,7 +28,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from ..errors import CheckpointError
-from .convert import _name, interleave_qkv
+from .build import canonical_name
+from .convert import _name, hf_shapes, interleave_qkv
 from .families import family_for
 from .reader import CheckpointReader
 from ..compress import shard_retaining_head
@@ -95,7 +97,8 @@ def shard_recipes(spec: ModelSpec, tp_rank: int, tp_size: int, megatron_names: b
             else:
                 a = r * groups
                 q_rows, kv_rows = slice(a * per_group, (a + groups) * per_group), slice(a * d, (a + groups) * d)
-                out[name] = (_qkv_reader(src, q_rows, kv_rows, groups, per_group, d), (shape[0] // t,) + shape[1:])
+                out[name] = (_qkv_reader(src, q_rows, kv_rows, groups, per_group, d, spec.rope_qk_scale()),
+                             (shape[0] // t,) + shape[1:])
         elif name.endswith(("linear_proj.weight", "linear_fc2.weight")):
             cols = _chunk(shape[1], r, t)
             out[name] = (lambda rd, s=src[0], c=cols: rd.read(s, cols=c), (shape[0], shape[1] // t))
@@ -120,9 +123,11 @@ def _cat_reader(parts):
     return lambda rd: torch.cat([rd.read(s, rows=rows) for s, rows in parts], dim=0)
 
 
-def _qkv_reader(src, q_rows, kv_rows, groups, per_group, d):
+def _qkv_reader(src, q_rows, kv_rows, groups, per_group, d, qk_scale=1.0):
     def read(rd):
         q, k, v = rd.read(src[0], rows=q_rows), rd.read(src[1], rows=kv_rows), rd.read(src[2], rows=kv_rows)
+        if qk_scale != 1:  # YaRN's attention factor (see ModelSpec.rope_qk_scale)
+            q, k = q * qk_scale, k * qk_scale
         return interleave_qkv(q, k, v, groups, per_group, d)
 
     return read
@@ -151,8 +156,6 @@ def check_sources(reader: CheckpointReader, spec: ModelSpec, megatron_names: boo
         prefix, allowed = "", lambda k: bool(RETAINING_KEY.match(k))
         resolve = lambda n: n  # noqa: E731
     else:
-        from .convert import hf_shapes
-
         keys = family_for(spec.model_type).keys
         expected = hf_shapes(spec)
         prefix = keys.bare_prefix
@@ -207,8 +210,6 @@ def shard_heads(full_heads: Dict[str, Tensor], spec: ModelSpec, tp_rank: int, tp
 def model_tensors(model) -> Dict[str, Tensor]:
     """The model's parameters and buffers under their Megatron names (``_extra_state`` left
     out; Transformer Engine's fused norm names mapped back)."""
-    from .build import canonical_name
-
     return {
         canonical_name(k): v
         for k, v in model.state_dict(keep_vars=True).items()
