@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 
 from . import __version__
-from . import inference  # lazy package: APBEngine (Megatron-Core) loads on first use
 from .config import DTYPES, parse_dtype
 from .data import passkey_prompt, tokenize_prompt
 from .errors import APBConfigError, APBError, PeerRankError

@@ -217,7 +217,9 @@ def test_gpt_kwargs_and_transformer_config():
         (dict(hidden_act="gelu"), "hidden_act"),
         (dict(attention_bias=True), "attention_bias"),
         (dict(mlp_bias=True), "mlp_bias"),
-        (dict(rope_parameters=dict(rope_type="yarn", factor=4.0, rope_theta=1e4)), "rope_type='yarn'"),
+        (dict(rope_parameters=dict(rope_type="dynamic", factor=4.0, rope_theta=1e4)), "rope_parameters rope_type='dynamic'"),
+        (dict(rope_parameters=dict(rope_type="yarn", factor=4.0, rope_theta=1e4, mscale=0.7, mscale_all_dim=0.7)),
+         "mscale"),
         (dict(rope_parameters=dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=0.5)), "partial_rotary_factor"),
     ],
 )

@@ -19,7 +19,6 @@ import glob
 import importlib.util
 import json
 import os
-import re
 from typing import Dict, List, Mapping, Optional
 
 from dataclasses import dataclass
