@@ -227,16 +227,14 @@ def _add_generate(sub):
 def _cmd_convert(args) -> int:
     """Convert an HF directory or GGUF file once into a fast-loading checkpoint."""
     # local: the checkpoints package imports Megatron-Core; building the parser must not
-    from .checkpoints import default_checkpoint, load_hf_checkpoint, save_converted
+    from .checkpoints import convert_checkpoint, default_checkpoint
 
     quiet_warnings()
     start = time.perf_counter()
     source = args.model or default_checkpoint(report=lambda msg: print(msg, flush=True))
     print(f"reading {source}", flush=True)
-    spec, state, tokenizer = load_hf_checkpoint(source)
-    out = save_converted(args.output, spec, state, tokenizer=tokenizer, dtype=parse_dtype(args.dtype))
-    print(f"wrote {out} ({spec.model_type}, {spec.num_layers} layers) in "
-          f"{time.perf_counter() - start:.1f} s", flush=True)
+    out = convert_checkpoint(source, args.output, dtype=parse_dtype(args.dtype), progress=True)
+    print(f"wrote {out} in {time.perf_counter() - start:.1f} s", flush=True)
     return 0
 
 

@@ -302,6 +302,25 @@ def test_missing_and_wrong_shaped_tensors_all_named():
         shard_for_tp(full, spec, 0, 1)
 
 
+def test_streaming_convert_equals_the_full_state(tmp_path, hf_cases):
+    """convert_checkpoint (tensor by tensor) writes what save_converted of the full state
+    writes: the same tensors, bit for bit, and the same spec; with a dtype, their cast."""
+    from megatron_apb.checkpoints import convert_checkpoint
+
+    for case in hf_cases[:3]:
+        spec, state, _ = load_hf_checkpoint(case["path"])
+        out = convert_checkpoint(case["path"], tmp_path / case["name"])
+        spec2, state2, _ = load_hf_checkpoint(out)
+        assert spec2 == spec and state2.keys() == state.keys()
+        assert all(torch.equal(state[k], state2[k]) for k in state), case["name"]
+    out = convert_checkpoint(hf_cases[0]["path"], tmp_path / "bf16", dtype=torch.bfloat16)
+    _, state3, _ = load_hf_checkpoint(out)
+    spec, state, _ = load_hf_checkpoint(hf_cases[0]["path"])
+    assert all(state3[k].dtype == torch.bfloat16 and torch.equal(state3[k], state[k].bfloat16()) for k in state)
+    with pytest.raises(CheckpointError, match="holds other files"):
+        convert_checkpoint(hf_cases[0]["path"], tmp_path / "bf16" / "..")
+
+
 def test_save_converted_round_trip(tmp_path, hf_cases):
     for case in hf_cases[:3]:
         spec, state, tokenizer = load_hf_checkpoint(case["path"])
@@ -395,14 +414,15 @@ def test_default_checkpoint_is_converted_once_and_falls_back(tmp_path, monkeypat
         pytest.skip(str(exc))
     calls = []
 
-    def fake_save(target, spec, state, tokenizer=None, report=None):
+    def fake_convert(source, target, report=None):
         calls.append(target)
         os.makedirs(target)
         with open(os.path.join(target, io.MARKER_FILE), "w") as f:
             f.write("{}")
 
-    monkeypatch.setattr(io, "load_hf_checkpoint", lambda path: (None, {}, None))
-    monkeypatch.setattr(io, "save_converted", fake_save)
+    from megatron_apb.checkpoints import writer
+
+    monkeypatch.setattr(writer, "convert_checkpoint", fake_convert)
     monkeypatch.setenv(io.CACHE_ENV, str(tmp_path / "cache"))
     first = io.default_checkpoint()
     assert first.startswith(str(tmp_path / "cache")) and io.default_checkpoint() == first and calls == [first]

@@ -54,6 +54,7 @@ from .io import (
 from .reader import CheckpointReader
 from .sharding import shard_for_tp
 from .stream import load_shard, shard_heads
+from .writer import convert_checkpoint
 from .spec import MEGATRON_LLAMA3_DEFAULTS, ModelSpec
 
 __all__ = [
@@ -71,6 +72,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointReader",
     "load_shard",
+    "convert_checkpoint",
     "shard_heads",
     "build_model",
     "load_into_model",

@@ -219,6 +219,18 @@ def load_hf_checkpoint(path, *, dtype: Optional[torch.dtype] = None, report: Rep
     return ckpt.spec, _cast(state, dtype), ckpt.tokenizer()
 
 
+def check_output_directory(out_dir: str) -> None:
+    """A converted checkpoint may be written to ``out_dir``: new, empty or an earlier one."""
+    if os.path.isdir(out_dir) and not os.path.exists(os.path.join(out_dir, MARKER_FILE)):
+        others = sorted(os.listdir(out_dir))
+        if others:
+            shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+            raise CheckpointError(
+                f"cannot write a converted checkpoint to {out_dir}: it holds other files ({shown}), which "
+                "replacing it would delete; pass a new or empty directory"
+            )
+
+
 def save_converted(out_dir, spec: ModelSpec, full_state: Mapping[str, Tensor], tokenizer=None, dtype=None,
                    report: Report = None) -> str:
     """Write ``full_state`` (full Megatron names) as ``model.safetensors``, the spec as
@@ -231,14 +243,7 @@ def save_converted(out_dir, spec: ModelSpec, full_state: Mapping[str, Tensor], t
     """
     out_dir = os.fspath(out_dir)
     check_full_state(full_state, spec)
-    if os.path.isdir(out_dir) and not os.path.exists(os.path.join(out_dir, MARKER_FILE)):
-        others = sorted(os.listdir(out_dir))
-        if others:
-            shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
-            raise CheckpointError(
-                f"cannot write a converted checkpoint to {out_dir}: it holds other files ({shown}), which "
-                "replacing it would delete; pass a new or empty directory"
-            )
+    check_output_directory(out_dir)
     tensors, seen = {}, set()
     for k, v in full_state.items():
         v = v.detach().cpu()
@@ -365,8 +370,9 @@ def default_checkpoint(report: Report = None) -> str:
             if not os.path.isfile(os.path.join(target, MARKER_FILE)):
                 if report is not None:
                     report(f"converting the default model once into {target}")
-                spec, state, tokenizer = load_hf_checkpoint(source)
-                save_converted(target, spec, state, tokenizer=tokenizer, report=report)
+                from .writer import convert_checkpoint  # local: writer.py builds on this module
+
+                convert_checkpoint(source, target, report=report)
     except OSError as exc:
         if report is not None:
             report(f"cannot keep the converted default model in {cache_dir()} ({exc.strerror or exc}); "
