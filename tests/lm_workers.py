@@ -7,14 +7,24 @@ import warnings
 from tests.distributed import error_message
 
 
-def api_generate(rank, world, path, prompt, new_tokens):
-    """``LongContextLM`` at CP = ``world`` (exact mode, fp32): greedy ids of ``prompt``;
+def stream_then_generate(rank, world, tp, stream_path, api_path, prompt, new_tokens):
+    """One spawn, two checks: the instrumented streaming load of ``stream_path``
+    (:func:`tests.checkpoint_workers.check_streaming_load`), then the API on ``api_path``
+    at TP ``tp`` x CP ``world / tp`` (:func:`api_generate`)."""
+    from tests.checkpoint_workers import check_streaming_load
+
+    return {"stream": check_streaming_load(rank, world, tp, stream_path),
+            "api": api_generate(rank, world, api_path, prompt, new_tokens, tp=tp)}
+
+
+def api_generate(rank, world, path, prompt, new_tokens, tp=1):
+    """``LongContextLM`` at TP ``tp`` x CP ``world / tp`` (exact mode, fp32): greedy ids of ``prompt``;
     the same ended by a stop string taken from them and by an EOS id among them; the
     refusal of a too-long request."""
     warnings.filterwarnings("ignore")
     from megatron_apb import LongContextLM
 
-    lm = LongContextLM.from_pretrained(path, cp_mode="exact", tp=1, dtype="fp32")
+    lm = LongContextLM.from_pretrained(path, cp_mode="exact", tp=tp, dtype="fp32")
     greedy = lm.generate(prompt, max_new_tokens=new_tokens)
     out = {"ids": greedy.ids, "text": greedy.text, "eos_ids": lm.eos_ids, "prompt_tokens": greedy.prompt_tokens,
            "timings": [greedy.prefill_s, greedy.time_to_first_token_s]}

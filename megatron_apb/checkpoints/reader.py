@@ -63,6 +63,8 @@ class CheckpointReader:
         """Tensor ``name`` (or its ``rows`` / ``cols`` slice), in its stored dtype, on the CPU."""
         if name not in self.infos:
             raise CheckpointError(f"the checkpoint has no tensor {name!r}; {self.remedy}")
+        shape = self.infos[name].shape
+        rows, cols = _whole(rows, shape, 0), _whole(cols, shape, 1)  # whole dims read as whole tensors
         try:
             out, nbytes = self._read(name, rows, cols)
         except (MemoryError, CheckpointError):
@@ -86,6 +88,14 @@ class CheckpointReader:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _whole(part: Optional[slice], shape, dim: int) -> Optional[slice]:
+    """None where ``part`` spans all of dimension ``dim``."""
+    if part is None or len(shape) <= dim:
+        return part
+    start, stop, step = part.indices(shape[dim])
+    return None if (start, stop, step) == (0, shape[dim], 1) else part
 
 
 def _index_rows_cols(t, rows, cols):

@@ -218,11 +218,13 @@ def model_tensors(model) -> Dict[str, Tensor]:
 
 
 class Progress:
-    """``loading: 12/291 tensors, 1.3/15.0 GiB`` on one line of stderr, at most every
+    """``loading: 12/291 tensors, 1.3/15.0 GiB this rank`` on one line of stderr, at most every
     ``every`` seconds; silent where ``enabled`` is False (ranks other than 0)."""
 
-    def __init__(self, total_items: int, total_bytes: int, enabled: bool, every: float = 1.0, stream=None):
+    def __init__(self, total_items: int, total_bytes: int, enabled: bool, every: float = 1.0, stream=None,
+                 label: str = "loading", unit: str = "this rank"):
         self.total_items, self.total_bytes, self.enabled, self.every = total_items, total_bytes, enabled, every
+        self.label, self.unit = label, unit
         self.items = self.bytes = 0
         self.start = self.last = time.monotonic()
         self.stream = stream or sys.stderr
@@ -235,8 +237,8 @@ class Progress:
             self.last = now
             end = "\n" if self.items == self.total_items else ""
             self.stream.write(
-                f"\rloading: {self.items}/{self.total_items} tensors, {self.bytes / 2**30:.2f}/"
-                f"{self.total_bytes / 2**30:.2f} GiB this rank, {now - self.start:.0f} s{end}"
+                f"\r{self.label}: {self.items}/{self.total_items} tensors, {self.bytes / 2**30:.2f}/"
+                f"{self.total_bytes / 2**30:.2f} GiB {self.unit}, {now - self.start:.0f} s{end}"
             )
             self.stream.flush()
 

@@ -74,9 +74,9 @@ def convert_checkpoint(source, out_dir, *, dtype: Optional[torch.dtype] = None, 
         stored = reader.infos[resolve(sources[name][0])].dtype
         entries.append((name, shape, dtype or stored, lambda read=read: read(reader)))
     total = sum(torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for _, s, d, _ in entries)
-    bar = Progress(len(entries), total, progress)
     meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "weights": WEIGHTS_FILE, "spec": spec.to_dict()}
     tokenizer = ckpt.tokenizer()
+    bar = Progress(len(entries), total, progress, label="converting", unit="written")
     with reader, atomic_directory(out_dir, report=report) as tmp:
         write_safetensors(os.path.join(tmp, WEIGHTS_FILE), entries, {"format": "pt", "names": "megatron"}, bar)
         with open(os.path.join(tmp, MARKER_FILE), "w", encoding="utf-8") as f:

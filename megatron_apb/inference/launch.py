@@ -211,7 +211,8 @@ def init_runtime(
     timeout_s = DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
     if not 0 < timeout_s < float("inf"):
         raise APBConfigError(f"--timeout must be > 0 seconds, got {timeout_s}")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # a process group the caller already made counts; else torchrun's (or one process)
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     if tp < 1 or world % tp:
         raise APBConfigError(
             f"--tp {tp} must divide the number of processes ({world}); CP = processes / TP"
