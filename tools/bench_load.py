@@ -123,8 +123,12 @@ def run_generate(model_path: str, world: int, tp: int, tokens: int, new_tokens: 
                "--timeout", str(timeout_s)]
         if dtype:
             cmd += ["--dtype", dtype]
+        # a fresh rendezvous: not this process's (its store may still hold the port), nor torchrun's
+        env = {k: v for k, v in os.environ.items() if k not in (
+            "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+            "ROLE_RANK", "TORCHELASTIC_RUN_ID")}
         start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         wall = time.perf_counter() - start
         if proc.returncode != 0:
             return {"command": " ".join(cmd[1:]), "returncode": proc.returncode, "wall_s": round(wall, 1),
