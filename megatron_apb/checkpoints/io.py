@@ -1,15 +1,17 @@
-"""Reading and writing checkpoints: :func:`load_hf_checkpoint` (Hugging Face directory,
-``.gguf`` file or converted directory -> spec, full Megatron state, tokenizer), the
-converted-directory format (:func:`save_converted`), tokenizers (:func:`load_tokenizer`)
-and the default model (:func:`default_model_path`).
+"""Opening checkpoints (:func:`open_checkpoint`: Hugging Face directory, ``.gguf`` file or
+converted directory -> spec and a lazy tensor reader), the full state of one
+(:func:`load_hf_checkpoint`), the converted-directory format (:func:`save_converted`),
+tokenizers (:func:`load_tokenizer`), EOS ids (:func:`eos_token_ids`) and the default model
+(:func:`default_model_path`, :func:`default_checkpoint`).
 
-``transformers`` (the ``hf`` extra) is imported only where it is needed: GGUF files and
+``transformers`` (the ``hf`` extra) is imported only where it is needed: GGUF metadata and
 tokenizers.
 
 A damaged file (truncated, garbage, a shard named by ``model.safetensors.index.json`` but
-missing) raises :class:`CheckpointError` naming it and what to do.  :func:`save_converted`
-writes its directory whole or not at all (:func:`megatron_apb.atomic.atomic_directory`);
-loading first resolves what an interrupted save left beside the path.
+missing) raises :class:`CheckpointError` naming it and what to do, when the checkpoint is
+opened.  :func:`save_converted` writes its directory whole or not at all
+(:func:`megatron_apb.atomic.atomic_directory`); opening first resolves what an interrupted
+save left beside the path.
 """
 
 from __future__ import annotations
