@@ -20,7 +20,13 @@ __all__ = [
     "attention_with_lse",
     "merge_attention",
     "get_gpt_layer_apb_spec",
+    "LongContextLM",
+    "Generation",
 ]
 
 
-__getattr__ = lazy_getattr(__name__, {"get_gpt_layer_apb_spec": ".megatron.spec"})
+__getattr__ = lazy_getattr(__name__, {
+    "get_gpt_layer_apb_spec": ".megatron.spec",
+    "LongContextLM": ".inference.lm",
+    "Generation": ".inference.lm",
+})

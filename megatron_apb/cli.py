@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 
 from . import __version__
-from . import inference  # lazy package: APBEngine (Megatron-Core) loads on first use
 from .config import DTYPES, parse_dtype
 from .data import passkey_prompt, tokenize_prompt
 from .errors import APBConfigError, APBError, PeerRankError
@@ -31,16 +30,16 @@ from .inference.launch import (
     add_runtime_args,
     apb_config_from_args,
     check_input_file,
+    checkpoint_spec,
     check_model_path,
     check_output_path,
     context_parallel_size,
-    init_runtime,
-    load_model,
     load_tokenizer,
     quiet_warnings,
     read_text_file,
 )
-from .inference.sampling import SamplingConfig
+from .inference.lm import LongContextLM
+from .inference.sampling import SamplingConfig, StopStrings
 from .inference.sparse_search import add_sparse_search_parser
 from .layout import plan_layout
 from .registry import ALGORITHMS
@@ -90,6 +89,10 @@ def _validate_generate(args) -> None:
         raise APBConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.temperature < 0:
         raise APBConfigError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k < 0:
+        raise APBConfigError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
+    if any(not text for text in args.stop):
+        raise APBConfigError("--stop needs a non-empty text")
     if not 0 < args.top_p <= 1:
         raise APBConfigError(f"--top-p must lie in (0, 1], got {args.top_p}")
     if args.document_file:
@@ -137,21 +140,23 @@ def _cmd_generate(args) -> int:
         except APBConfigError as exc:
             raise APBConfigError(f"--cp-mode {mode}: {exc}", field=exc.field) from None
 
-    rt = init_runtime(args.tp, args.dtype, timeout_s=args.timeout, verbose=args.verbose)
+    if args.model is None or not args.model.lower().endswith(".gguf"):  # a GGUF's config is read once, at load
+        checkpoint_spec(args.model).check_positions(
+            len(prompt.document_ids) + len(prompt.query_ids), args.max_new_tokens)
     if apb_config.passes_blocks and not args.heads:
         say("no retaining heads given (--heads): APB uses the training-free query-attention compressor")
-    say(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'} on {rt.world} process(es): "
+    say(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'} on {os.environ.get('WORLD_SIZE', '1')} "
+        f"process(es), TP={args.tp}")
+    lm = LongContextLM.from_pretrained(args.model, apb_config=apb_config, tp=args.tp, dtype=args.dtype,
+                                       heads=args.heads, timeout_s=args.timeout,
+                                       verbose=args.verbose)
+    rt, apb_config = lm.runtime, lm.config
+    say(f"prompt: {len(prompt.document_ids)} document tokens + {len(prompt.query_ids)} query tokens; "
         f"TP={rt.tp} x CP={rt.cp}, {str(rt.dtype).replace('torch.', '')} on {rt.device.type}")
-    model, spec, _, apb_config = load_model(args.model, apb_config, rt, heads=args.heads)
-    say(f"prompt: {len(prompt.document_ids)} document tokens + {len(prompt.query_ids)} query tokens")
-    stops = [t for t in (tokenizer.eos_token_id,) if t is not None]
     sampling = SamplingConfig(
-        temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-        max_new_tokens=args.max_new_tokens, stop_ids=stops,
-    )
-    engine = inference.APBEngine(
-        model, apb_config, cp_group=rt.pg.cp, tp_group=rt.pg.tp, vocab_size=spec.vocab_size,
-        pad_id=tokenizer.pad_token_id or 0, progress=log,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+        max_new_tokens=args.max_new_tokens, stop_ids=lm.eos_ids,
+        stop_when=StopStrings(tokenizer, args.stop) if args.stop else None,
     )
     writer = None
     if args.output_json and rt.is_main:
@@ -161,15 +166,14 @@ def _cmd_generate(args) -> int:
     runs = []
     try:
         for mode, config in _generate_modes(args, apb_config):
-            engine.config = config
-            result = engine.generate(prompt.document_ids, prompt.query_ids, sampling)
-            text = tokenizer.decode(result.output_ids, skip_special_tokens=True).strip()
+            result = lm.generate_ids(prompt.document_ids, prompt.query_ids, sampling, config=config)
+            text = result.text
             runs.append(dict(
-                mode=mode, compressor=engine.config.compressor if engine.config.passes_blocks else None,
-                layout=result.layout, text=text, output_ids=result.output_ids,
+                mode=mode, compressor=config.compressor if config.passes_blocks else None,
+                layout=result.layout, text=text, output_ids=result.ids,
                 prefill_s=result.prefill_s, time_to_first_token_s=result.time_to_first_token_s,
                 decode_tokens_per_s=result.decode_tokens_per_s,
-                document_ids=result.document_ids, query_ids=result.query_ids,
+                document_ids=list(prompt.document_ids), query_ids=list(prompt.query_ids),
             ))
             if writer:
                 writer.write(runs[-1])
@@ -208,6 +212,10 @@ def _add_generate(sub):
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end the answer at this text (repeatable); the checkpoint's EOS ids "
+                   "(generation_config.json, lists included) always end it")
     p.add_argument("--seed", type=int, default=0, help="sampling seed and the built-in prompt's pass key")
     add_runtime_args(p)
     p.add_argument("--haystack-tokens", type=int, default=6000,
@@ -221,16 +229,14 @@ def _add_generate(sub):
 def _cmd_convert(args) -> int:
     """Convert an HF directory or GGUF file once into a fast-loading checkpoint."""
     # local: the checkpoints package imports Megatron-Core; building the parser must not
-    from .checkpoints import default_checkpoint, load_hf_checkpoint, save_converted
+    from .checkpoints import convert_checkpoint, default_checkpoint
 
     quiet_warnings()
     start = time.perf_counter()
     source = args.model or default_checkpoint(report=lambda msg: print(msg, flush=True))
     print(f"reading {source}", flush=True)
-    spec, state, tokenizer = load_hf_checkpoint(source)
-    out = save_converted(args.output, spec, state, tokenizer=tokenizer, dtype=parse_dtype(args.dtype))
-    print(f"wrote {out} ({spec.model_type}, {spec.num_layers} layers) in "
-          f"{time.perf_counter() - start:.1f} s", flush=True)
+    out = convert_checkpoint(source, args.output, dtype=parse_dtype(args.dtype), progress=True)
+    print(f"wrote {out} in {time.perf_counter() - start:.1f} s", flush=True)
     return 0
 
 

@@ -53,19 +53,21 @@ def check_logits(rank, world, tp, cp, cases, error_checks=False):
     rank's logits block (``name``), of its padded-vocab logits from 0 (``name:pad``) and of
     the rotary inverse frequencies (``name:inv_freq``) from Hugging Face's.
 
+    The model is loaded by the streaming loader (each rank reads its shard).
     With ``error_checks``, also the outcomes of load_into_model's error paths and of loading
     retaining heads, on the first case (see ``_error_checks``).
     """
     _setup()
-    from megatron_apb.checkpoints import load_hf_checkpoint, load_into_model
+    from megatron_apb.checkpoints import load_shard, open_checkpoint
 
     pg, tp_rank, cp_rank = _places(tp, cp)
     out = {}
     for case in cases:
         name = case["name"]
-        spec, state, _ = load_hf_checkpoint(case["path"])
+        ckpt = open_checkpoint(case["path"])  # the streaming load every command uses
+        spec = ckpt.spec
         model = _build(spec, pg)
-        load_into_model(model, state, spec, tp_rank, tp)
+        load_shard(model, ckpt.reader, spec, tp_rank, tp)
         tokens = torch.as_tensor(case["tokens"])
         got = _block_logits(model, tokens, cp, cp_rank)
         b = tokens.numel() // cp
@@ -191,4 +193,92 @@ def check_gguf(rank, world, prompt, out_dir):
         "tokenizer_round_trip": tokenizer2 is not None
         and tokenizer2(prompt)["input_ids"] == tokenizer(prompt)["input_ids"],
         "times": times,
+    }
+
+
+# --------------------------------------------------------------- streaming load, instrumented
+class _Counted:
+    """``safetensors.safe_open`` wrapped to count the bytes of every tensor it hands out."""
+
+    read = 0
+    real = None
+
+    def __init__(self, path, framework, device="cpu"):
+        self._f = _Counted.real(path, framework=framework, device=device)
+
+    def _count(self, t):
+        _Counted.read += t.numel() * t.element_size()
+        return t
+
+    def get_tensor(self, name):
+        return self._count(self._f.get_tensor(name))
+
+    def get_slice(self, name):
+        part, count = self._f.get_slice(name), self._count
+
+        class Slice:
+            def __getitem__(self, index):
+                return count(part[index])
+
+            def __getattr__(self, attr):
+                return getattr(part, attr)
+
+        return Slice()
+
+    def __getattr__(self, attr):
+        return getattr(self._f, attr)
+
+
+def check_streaming_load(rank, world, tp, path):
+    """Load ``path`` (a bf16 checkpoint) with the command line's loader at TP ``tp`` x CP
+    ``world / tp`` in bf16, with the file reads counted at ``safetensors.safe_open`` and
+    every float32 tensor any torch op makes recorded; whole-file readers are disabled.
+
+    Returns {"bytes": bytes this rank read, "names": the model has exactly the reference names,
+    "max_f32": the largest float32 tensor made (elements), "dtypes": parameter dtypes,
+    "max_diff": the largest difference from ``shard_for_tp`` of the full state}.
+    """
+    _setup()
+    import safetensors
+    import safetensors.torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    from megatron_apb import APBConfig
+    from megatron_apb.checkpoints import load_hf_checkpoint, shard_for_tp
+    from megatron_apb.inference.launch import Runtime, load_model
+
+    pg, tp_rank, cp_rank = _places(tp, world // tp)
+
+    class Float32Watch(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for t in tree_flatten(result)[0]:
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                    Float32Watch.largest = max(Float32Watch.largest, t.numel())
+            return result
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a whole-file reader was called during the streaming load")
+
+    saved = safetensors.safe_open, safetensors.torch.load_file, torch.load
+    _Counted.real, _Counted.read = saved[0], 0
+    safetensors.safe_open, safetensors.torch.load_file, torch.load = _Counted, refuse, refuse
+    rt = Runtime(rank=rank, world=world, tp=tp, cp=world // tp, pg=pg, device=torch.device("cpu"), dtype=torch.bfloat16)
+    try:
+        with Float32Watch():
+            model, spec, _, _ = load_model(path, APBConfig(mode="exact"), rt)
+    finally:
+        safetensors.safe_open, safetensors.torch.load_file, torch.load = saved
+    got_bytes = _Counted.read
+    # the slow reference: the whole state, sharded afterwards
+    _, full, _ = load_hf_checkpoint(path)
+    want = shard_for_tp(full, spec, tp_rank, tp)
+    sd = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    worst = max((sd[k].float() - v.float()).abs().max().item() for k, v in want.items())
+    return {
+        "bytes": got_bytes, "max_f32": Float32Watch.largest, "max_diff": worst,
+        "dtypes": sorted({str(v.dtype) for v in sd.values()}), "names": sorted(sd) == sorted(want),
     }

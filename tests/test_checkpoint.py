@@ -69,6 +69,11 @@ def _configs():
             rope_scaling=dict(rope_type="llama3", factor=4.0, low_freq_factor=2.0,
                               high_freq_factor=8.0, original_max_position_embeddings=32),
         ),
+        # Qwen2.5's YaRN (inv_freq ramp and attention factor 1 + 0.1 ln 4), active at these positions
+        "qwen2_yarn": Qwen2Config(
+            vocab_size=96, **{**TINY, "max_position_embeddings": 64},
+            rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16),
+        ),
         "llama_linear_rope": LlamaConfig(
             vocab_size=96, **TINY, rope_scaling=dict(rope_type="linear", factor=2.0)
         ),
@@ -110,7 +115,7 @@ def hf_cases(tmp_path_factory):
             name=name, path=str(path), tokens=tokens.numpy(), logits=logits.numpy(),
             inv_freq=model.model.rotary_emb.inv_freq.float().numpy(),
         )
-        if name == "llama3_rope_custom":
+        if name in ("llama3_rope_custom", "qwen2_yarn"):
             # the same weights without scaling give clearly different logits, so matching
             # the scaled ones shows the scaling is applied
             plain = type(config)(**{**config.to_dict(), "rope_scaling": None, "rope_parameters": None})
@@ -138,8 +143,9 @@ def _report(label, results, cases, seconds):
 
 
 def test_scaling_variants_are_distinguishable(hf_cases):
-    case = next(c for c in hf_cases if c["name"] == "llama3_rope_custom")
-    assert case["unscaled_diff"] > 1e-2
+    for name in ("llama3_rope_custom", "qwen2_yarn"):
+        case = next(c for c in hf_cases if c["name"] == name)
+        assert case["unscaled_diff"] > 1e-2, name
 
 
 @pytest.mark.parametrize("tp,cp,load_errors", [(1, 1, True), (1, 2, False), (2, 2, True)], ids=["cp1", "cp2", "tp2_cp2"])
@@ -211,7 +217,9 @@ def test_gpt_kwargs_and_transformer_config():
         (dict(hidden_act="gelu"), "hidden_act"),
         (dict(attention_bias=True), "attention_bias"),
         (dict(mlp_bias=True), "mlp_bias"),
-        (dict(rope_parameters=dict(rope_type="yarn", factor=4.0, rope_theta=1e4)), "rope_type='yarn'"),
+        (dict(rope_parameters=dict(rope_type="dynamic", factor=4.0, rope_theta=1e4)), "rope_parameters rope_type='dynamic'"),
+        (dict(rope_parameters=dict(rope_type="yarn", factor=4.0, rope_theta=1e4, mscale=0.7, mscale_all_dim=0.7)),
+         "mscale"),
         (dict(rope_parameters=dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=0.5)), "partial_rotary_factor"),
     ],
 )
@@ -292,6 +300,25 @@ def test_missing_and_wrong_shaped_tensors_all_named():
     del full["decoder.final_layernorm.weight"]
     with pytest.raises(CheckpointError, match=r"decoder.final_layernorm.weight \(64,\)"):
         shard_for_tp(full, spec, 0, 1)
+
+
+def test_streaming_convert_equals_the_full_state(tmp_path, hf_cases):
+    """convert_checkpoint (tensor by tensor) writes what save_converted of the full state
+    writes: the same tensors, bit for bit, and the same spec; with a dtype, their cast."""
+    from megatron_apb.checkpoints import convert_checkpoint
+
+    for case in hf_cases[:3]:
+        spec, state, _ = load_hf_checkpoint(case["path"])
+        out = convert_checkpoint(case["path"], tmp_path / case["name"])
+        spec2, state2, _ = load_hf_checkpoint(out)
+        assert spec2 == spec and state2.keys() == state.keys()
+        assert all(torch.equal(state[k], state2[k]) for k in state), case["name"]
+    out = convert_checkpoint(hf_cases[0]["path"], tmp_path / "bf16", dtype=torch.bfloat16)
+    _, state3, _ = load_hf_checkpoint(out)
+    spec, state, _ = load_hf_checkpoint(hf_cases[0]["path"])
+    assert all(state3[k].dtype == torch.bfloat16 and torch.equal(state3[k], state[k].bfloat16()) for k in state)
+    with pytest.raises(CheckpointError, match="holds other files"):
+        convert_checkpoint(hf_cases[0]["path"], tmp_path / "bf16" / "..")
 
 
 def test_save_converted_round_trip(tmp_path, hf_cases):
@@ -387,14 +414,15 @@ def test_default_checkpoint_is_converted_once_and_falls_back(tmp_path, monkeypat
         pytest.skip(str(exc))
     calls = []
 
-    def fake_save(target, spec, state, tokenizer=None, report=None):
+    def fake_convert(source, target, report=None):
         calls.append(target)
         os.makedirs(target)
         with open(os.path.join(target, io.MARKER_FILE), "w") as f:
             f.write("{}")
 
-    monkeypatch.setattr(io, "load_hf_checkpoint", lambda path: (None, {}, None))
-    monkeypatch.setattr(io, "save_converted", fake_save)
+    from megatron_apb.checkpoints import writer
+
+    monkeypatch.setattr(writer, "convert_checkpoint", fake_convert)
     monkeypatch.setenv(io.CACHE_ENV, str(tmp_path / "cache"))
     first = io.default_checkpoint()
     assert first.startswith(str(tmp_path / "cache")) and io.default_checkpoint() == first and calls == [first]

@@ -15,6 +15,7 @@ import torch
 
 import megatron_apb.inference as inference
 from megatron_apb import cli
+from megatron_apb.inference import lm as lm_module
 from megatron_apb.config import APBConfig
 from megatron_apb.data import TaskSample, write_samples
 from megatron_apb.errors import APBConfigError
@@ -78,11 +79,13 @@ def fake_run(monkeypatch):
     FakeEngine.calls, FakeEngine.fail_on = [], None
     model = lambda path, config, rt, heads=None: (None, SimpleNamespace(vocab_size=100), FakeTokenizer(), config)  # noqa: E731
     dist = SimpleNamespace(get_backend=lambda: "gloo", destroy_process_group=lambda: None)
-    for module in (cli, commands):
-        monkeypatch.setattr(module, "init_runtime", _runtime)
-        monkeypatch.setattr(module, "load_model", model)
+    for module in (cli, commands, lm_module):
+        monkeypatch.setattr(module, "init_runtime", _runtime, raising=False)
+        monkeypatch.setattr(module, "load_model", model, raising=False)
         monkeypatch.setattr(module, "load_tokenizer", lambda path: FakeTokenizer(), raising=False)
-        monkeypatch.setattr(module, "dist", dist)
+        monkeypatch.setattr(module, "dist", dist, raising=False)
+    monkeypatch.setattr(cli, "checkpoint_spec", lambda path: SimpleNamespace(check_positions=lambda *a: None))
+    monkeypatch.setattr(lm_module, "eos_ids", lambda path, tokenizer: [])
     monkeypatch.setitem(vars(inference), "APBEngine", FakeEngine)  # without importing the real one
     return FakeEngine
 
@@ -92,10 +95,11 @@ def no_model(monkeypatch):
     """Loading a model or joining a process group fails the test: the checks come first."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    for module in (cli, commands):
-        monkeypatch.setattr(module, "init_runtime", _no_model)
-        monkeypatch.setattr(module, "load_model", _no_model)
+    for module in (cli, commands, lm_module):
+        monkeypatch.setattr(module, "init_runtime", _no_model, raising=False)
+        monkeypatch.setattr(module, "load_model", _no_model, raising=False)
         monkeypatch.setattr(module, "load_tokenizer", lambda path: FakeTokenizer(), raising=False)
+    monkeypatch.setattr(cli, "checkpoint_spec", lambda path: SimpleNamespace(check_positions=lambda *a: None))
 
 
 def _samples_file(tmp_path, n=2, words=200, answers=("42",), name="s.jsonl"):

@@ -5,7 +5,10 @@
 * Yi's original format (``ln1``/``ln2`` norms) converts like the same weights as Llama;
 * a family registered through ``MODEL_FAMILIES`` alone (``dummy_llama``, Llama's tensor
   names) loads a tiny random checkpoint written here and gives the same logits, in this
-  process on CPU, as the same weights loaded as ``llama`` (and the transformers model's).
+  process on CPU, as the same weights loaded as ``llama`` (and the transformers model's);
+* a Yi directory in the original format streams to the logits of transformers' Llama.
+(Llama, Llama-3.x, Qwen2, Qwen2.5 with YaRN and Mistral are pinned to transformers'
+logits at TP 1 and 2 in tests/test_checkpoint.py.)
 """
 
 import dataclasses
@@ -28,8 +31,8 @@ from megatron_apb.checkpoints import (  # noqa: E402
     build_model,
     family_for,
     hf_to_megatron,
-    load_hf_checkpoint,
-    load_into_model,
+    load_shard,
+    open_checkpoint,
     supported_model_types,
 )
 from megatron_apb.checkpoints.families.llama import LLAMA_KEYS  # noqa: E402
@@ -109,9 +112,10 @@ def _write_checkpoint(directory, config_dict, state):
 
 
 def _megatron_logits(path, pg, tokens):
-    spec, state, _ = load_hf_checkpoint(path)
+    ckpt = open_checkpoint(path)  # the streaming load the commands use
+    spec = ckpt.spec
     model = build_model(spec, APBConfig(mode="exact"), pg_collection=pg, parallel_output=False).eval()
-    load_into_model(model, state, spec, 0, 1)
+    load_shard(model, ckpt.reader, spec, 0, 1)
     with torch.no_grad():
         return spec, model(tokens[None], None, None)[0][:, : spec.vocab_size]
 
@@ -135,3 +139,20 @@ def test_registered_family_loads_end_to_end(tmp_path, dummy_family, single_rank)
     with torch.no_grad():
         hf_logits = model(tokens[None]).logits[0]
     assert (dummy_logits - hf_logits).abs().max().item() <= TOL
+
+
+def test_yi_original_format_streams_to_llamas_logits(tmp_path, single_rank):
+    """A Yi directory in 01.AI's format (``ln1``/``ln2``) through the streaming loader gives
+    the logits of transformers' Llama on the same weights."""
+    config = _configs()["llama_untied_v101"]
+    model = _hf_model(config, 11)
+    renamed = {
+        k.replace(".input_layernorm.", ".ln1.").replace(".post_attention_layernorm.", ".ln2."): v
+        for k, v in model.state_dict().items()
+    }
+    yi_dir = _write_checkpoint(tmp_path / "yi", {**json.loads(config.to_json_string()), "model_type": "Yi"}, renamed)
+    tokens = torch.randint(0, config.vocab_size, (SEQ,), generator=torch.Generator().manual_seed(11))
+    spec, logits = _megatron_logits(yi_dir, single_rank, tokens)
+    with torch.no_grad():
+        hf_logits = model(tokens[None]).logits[0]
+    assert spec.model_type == "Yi" and (logits - hf_logits).abs().max().item() <= TOL

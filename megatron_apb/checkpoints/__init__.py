@@ -1,36 +1,45 @@
 """Loading Hugging Face Llama-family checkpoints into Megatron-Core GPT models with APB.
 
-Sources read by :func:`load_hf_checkpoint`:
+Sources (:func:`open_checkpoint`):
 
 * a Hugging Face model directory (``config.json`` and ``*.safetensors``, sharded or not;
-  ``pytorch_model.bin`` only as a fallback, read with ``torch.load(weights_only=True)``),
-* a ``.gguf`` file (dequantized to float32 by ``transformers``),
-* a directory written by :func:`save_converted` (marker file ``megatron_apb_checkpoint.json``).
+  ``pytorch_model.bin`` only as a fallback, memory-mapped with ``weights_only=True``),
+* a ``.gguf`` file (read tensor by tensor with the ``gguf`` package),
+* a directory written by :func:`save_converted` / :func:`convert_checkpoint` (marker file
+  ``megatron_apb_checkpoint.json``).
 
-Each gives a :class:`ModelSpec` (what Megatron needs to build the model), the *full*
-(unsharded, TP = 1) state dict under Megatron's names, and a tokenizer when one is present.
-:func:`load_into_model` shards that state for a tensor-parallel rank and copies it into a
-model built with :func:`build_model` (or ``build_gpt_model`` with ``spec.transformer_config``
-and ``spec.gpt_kwargs()``)::
+Opening parses the config into a :class:`ModelSpec` and checks the weight files' headers
+(a missing or truncated shard is named with its tensors) without reading any weights.
+:func:`load_shard` then reads, for one tensor-parallel rank, only the rows and columns it
+owns, tensor by tensor, straight into a model built with :func:`build_model` (in the
+target dtype, on the target device)::
 
-    spec, state, tokenizer = load_hf_checkpoint(path)
-    model = build_model(spec, APBConfig(mode="apb"), pg_collection=pg)
-    load_into_model(model, state, spec, tp_rank, tp_size)
-    logits = model(tokens, None, None)[..., : spec.vocab_size]   # drop the padded vocab rows
+    ckpt = open_checkpoint(path)
+    model = build_model(ckpt.spec, APBConfig(mode="apb"), pg_collection=pg, dtype=torch.bfloat16,
+                        config_overrides=dict(perform_initialization=False))
+    load_shard(model, ckpt.reader, ckpt.spec, tp_rank, tp_size, megatron_names=ckpt.megatron_names)
+    logits = model(tokens, None, None)[..., : ckpt.spec.vocab_size]   # drop the padded vocab rows
+
+:func:`load_hf_checkpoint` gives the *full* (TP = 1) Megatron state instead (for tests
+and in-memory work; :func:`load_into_model` shards such a state with :func:`shard_for_tp`,
+the slow reference the streaming load is tested against).
 
 The config's ``model_type`` picks a :class:`ModelFamily` (its tensor names and config
 quirks) from :data:`megatron_apb.registry.MODEL_FAMILIES`; built in (``families/``):
-``llama`` (Llama 2/3.x, Yi-1.5, SmolLM2, ...), ``qwen2``, ``mistral`` and ``Yi``/``yi``
-(01.AI's original format), with RoPE ``default``, ``llama3`` or ``linear`` scaling and no
-sliding window in use.  Registering a :class:`ModelFamily` adds one.
+``llama`` (Llama 2/3.x, Yi-1.5, SmolLM2, ...), ``qwen2`` (Qwen2, Qwen2.5), ``mistral`` and
+``Yi``/``yi`` (01.AI's original format), with RoPE ``default``, ``llama3``, ``linear`` or
+``yarn`` scaling and no sliding window or mixture of experts in use.  Registering a
+:class:`ModelFamily` adds one.
 
 The vocabulary is padded with zero rows to a multiple of the TP size (Megatron's
 ``VocabParallelEmbedding`` needs it); logits of the padded ids are 0, so slice
 ``[..., :spec.vocab_size]`` before any argmax or softmax.
 
-Modules: :mod:`.spec` (``ModelSpec``, RoPE), :mod:`.families` (one per family),
-:mod:`.convert` (HF -> Megatron names), :mod:`.sharding` (TP), :mod:`.io` (files),
-:mod:`.build` (models).
+Modules: :mod:`.spec` (``ModelSpec``), :mod:`.rope` (RoPE parsing, YaRN), :mod:`.families`
+(one per family), :mod:`.convert` (HF -> Megatron names), :mod:`.sharding` (TP of a full
+state), :mod:`.reader` / :mod:`.gguf_reader` (lazy tensor readers), :mod:`.stream` (the
+sharded load), :mod:`.io` (opening, converted directories), :mod:`.writer` (streaming
+conversion), :mod:`.build` (models).
 """
 
 from ..errors import CheckpointError, UnsupportedModelError
@@ -38,6 +47,9 @@ from .build import build_model, load_into_model, set_rope_inv_freq
 from .convert import hf_shapes, hf_to_megatron
 from .families import SUPPORTED_ROPE_TYPES, KeyMap, ModelFamily, family_for, register_family, supported_model_types
 from .io import (
+    Checkpoint,
+    eos_token_ids,
+    open_checkpoint,
     FORMAT_NAME,
     FORMAT_VERSION,
     MARKER_FILE,
@@ -48,7 +60,10 @@ from .io import (
     load_tokenizer,
     save_converted,
 )
+from .reader import CheckpointReader
 from .sharding import shard_for_tp
+from .stream import load_shard, shard_heads
+from .writer import convert_checkpoint
 from .spec import MEGATRON_LLAMA3_DEFAULTS, ModelSpec
 
 __all__ = [
@@ -61,6 +76,13 @@ __all__ = [
     "family_for",
     "supported_model_types",
     "load_hf_checkpoint",
+    "open_checkpoint",
+    "eos_token_ids",
+    "Checkpoint",
+    "CheckpointReader",
+    "load_shard",
+    "convert_checkpoint",
+    "shard_heads",
     "build_model",
     "load_into_model",
     "set_rope_inv_freq",

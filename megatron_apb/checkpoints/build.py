@@ -27,6 +27,19 @@ _TE_ALIASES = (
 )
 
 
+_TE_NAMES = (
+    (re.compile(r"^(decoder\.layers\.\d+\.)self_attention\.linear_qkv\.layer_norm_weight$"), r"\1input_layernorm.weight"),
+    (re.compile(r"^(decoder\.layers\.\d+\.)mlp\.linear_fc1\.layer_norm_weight$"), r"\1pre_mlp_layernorm.weight"),
+)
+
+
+def canonical_name(name: str) -> str:
+    """The Megatron name of a model tensor (Transformer Engine's fused norm names mapped back)."""
+    for pattern, plain in _TE_NAMES:
+        name = pattern.sub(plain, name)
+    return name
+
+
 def _model_tensors(model) -> Dict[str, Tensor]:
     return {
         k: v
@@ -147,7 +160,7 @@ def build_model(
     kwargs.update(gpt_kwargs)
     model = build_gpt_model(
         config, apb_config, vocab_size=spec.padded_vocab(tp_size),
-        max_sequence_length=max_sequence_length or spec.max_position_embeddings,
+        max_sequence_length=max_sequence_length or spec.max_positions,
         pg_collection=pg_collection, **kwargs,
     )
     if spec.needs_inv_freq_override():

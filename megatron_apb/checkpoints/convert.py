@@ -77,6 +77,15 @@ def hf_shapes(spec: ModelSpec) -> Dict[str, Tuple[int, ...]]:
     return shapes
 
 
+def interleave_qkv(q: Tensor, k: Tensor, v: Tensor, groups: int, per_group: int, head_dim: int) -> Tensor:
+    """Rows ``[q of group 0; k of group 0; v of group 0; q of group 1; ...]`` of ``groups``
+    query groups (``per_group`` q rows and ``head_dim`` k and v rows each), as Megatron's
+    ``linear_qkv`` holds them."""
+    tail = q.shape[1:]
+    parts = [q.reshape(groups, per_group, *tail), k.reshape(groups, head_dim, *tail), v.reshape(groups, head_dim, *tail)]
+    return torch.cat(parts, dim=1).reshape(-1, *tail)
+
+
 def hf_to_megatron(hf_state_dict: Mapping[str, Tensor], spec: ModelSpec, *, strict: bool = True) -> Dict[str, Tensor]:
     """Full (TP = 1) Megatron-named tensors from a Hugging Face state dict of the spec's
     model family (tensor names from its :class:`~.families.KeyMap`).
@@ -96,10 +105,10 @@ def hf_to_megatron(hf_state_dict: Mapping[str, Tensor], spec: ModelSpec, *, stri
     g, d = spec.num_query_groups, spec.kv_channels
     per_group = spec.num_attention_heads // g * d
 
+    s = spec.rope_qk_scale()  # YaRN's attention factor, folded into q and k
+
     def interleave(q, k, v):
-        tail = q.shape[1:]
-        parts = [q.reshape(g, per_group, *tail), k.reshape(g, d, *tail), v.reshape(g, d, *tail)]
-        return torch.cat(parts, dim=1).reshape(-1, *tail)
+        return interleave_qkv(q * s, k * s, v, g, per_group, d) if s != 1 else interleave_qkv(q, k, v, g, per_group, d)
 
     out = {"embedding.word_embeddings.weight": state[keys.embed + ".weight"]}
     for i in range(spec.num_layers):

@@ -1,15 +1,17 @@
-"""Reading and writing checkpoints: :func:`load_hf_checkpoint` (Hugging Face directory,
-``.gguf`` file or converted directory -> spec, full Megatron state, tokenizer), the
-converted-directory format (:func:`save_converted`), tokenizers (:func:`load_tokenizer`)
-and the default model (:func:`default_model_path`).
+"""Opening checkpoints (:func:`open_checkpoint`: Hugging Face directory, ``.gguf`` file or
+converted directory -> spec and a lazy tensor reader), the full state of one
+(:func:`load_hf_checkpoint`), the converted-directory format (:func:`save_converted`),
+tokenizers (:func:`load_tokenizer`), EOS ids (:func:`eos_token_ids`) and the default model
+(:func:`default_model_path`, :func:`default_checkpoint`).
 
-``transformers`` (the ``hf`` extra) is imported only where it is needed: GGUF files and
+``transformers`` (the ``hf`` extra) is imported only where it is needed: GGUF metadata and
 tokenizers.
 
 A damaged file (truncated, garbage, a shard named by ``model.safetensors.index.json`` but
-missing) raises :class:`CheckpointError` naming it and what to do.  :func:`save_converted`
-writes its directory whole or not at all (:func:`megatron_apb.atomic.atomic_directory`);
-loading first resolves what an interrupted save left beside the path.
+missing) raises :class:`CheckpointError` naming it and what to do, when the checkpoint is
+opened.  :func:`save_converted` writes its directory whole or not at all
+(:func:`megatron_apb.atomic.atomic_directory`); opening first resolves what an interrupted
+save left beside the path.
 """
 
 from __future__ import annotations
@@ -19,16 +21,19 @@ import glob
 import importlib.util
 import json
 import os
-import re
-from typing import Dict, Mapping, Optional
+from typing import Dict, List, Mapping, Optional
+
+from dataclasses import dataclass
 
 import torch
 from safetensors.torch import save_file
 
 from ..atomic import Report, atomic_directory, recover
 from ..errors import APBError, CheckpointError
-from ..heads import load_safetensors
 from .convert import hf_to_megatron
+from .families import family_for
+from .gguf_reader import GGUFTensorReader, gguf_config
+from .reader import CheckpointReader, SafetensorsReader, TorchBinReader, _check_index
 from .sharding import check_full_state
 from .spec import ModelSpec
 
@@ -86,63 +91,40 @@ def _read_json(path: str, remedy: str):
         raise CheckpointError(f"cannot read {path}: not valid JSON ({exc}); {remedy}") from exc
 
 
-def _shard_list(index: str):
+def _weight_map(index: str) -> Dict[str, str]:
     data = _read_json(index, REDOWNLOAD)
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index} has no \"weight_map\" of tensor names to files; {REDOWNLOAD}")
-    return sorted(set(weight_map.values()))
+    return weight_map
 
 
-def _read_hf_weights(directory: str) -> Dict[str, Tensor]:
-    """The Hugging Face state dict of a model directory: ``*.safetensors`` (sharded or not),
-    else ``pytorch_model.bin`` (sharded or not) read with ``weights_only=True``."""
+def _hf_reader(directory: str) -> CheckpointReader:
+    """A lazy reader of a model directory's weights: ``*.safetensors`` (sharded with
+    ``model.safetensors.index.json`` or not), else ``pytorch_model.bin`` (sharded or not,
+    memory-mapped, ``weights_only=True``).  Headers, the index and the file sizes are
+    checked here; no tensor is read."""
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.exists(index):
-        files = _shard_list(index)
-    else:
-        files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(directory, "*.safetensors")))
-    state: Dict[str, Tensor] = {}
+        weight_map = _weight_map(index)
+        files = [os.path.join(directory, name) for name in sorted(set(weight_map.values()))]
+        return SafetensorsReader(files, REDOWNLOAD, weight_map=weight_map, index=index)
+    files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
     if files:
-        _check_shards_exist(directory, files, index)
-        for name in files:
-            state.update(load_safetensors(os.path.join(directory, name), what="the weights file", remedy=REDOWNLOAD))
-        return state
+        return SafetensorsReader(files, REDOWNLOAD)
     bin_index = os.path.join(directory, "pytorch_model.bin.index.json")
     if os.path.exists(bin_index):
-        files = _shard_list(bin_index)
-        _check_shards_exist(directory, files, bin_index)
+        weight_map = _weight_map(bin_index)
+        files = [os.path.join(directory, name) for name in sorted(set(weight_map.values()))]
+        _check_index(files, weight_map, bin_index, REDOWNLOAD)
     elif os.path.exists(os.path.join(directory, "pytorch_model.bin")):
-        files = ["pytorch_model.bin"]
+        files = [os.path.join(directory, "pytorch_model.bin")]
     if not files:
         raise FileNotFoundError(
             f"{directory} has config.json but no weights (*.safetensors, "
             "model.safetensors.index.json, pytorch_model.bin)"
         )
-    for name in files:
-        path = os.path.join(directory, name)
-        try:
-            state.update(torch.load(path, map_location="cpu", weights_only=True))
-        except (FileNotFoundError, MemoryError):
-            raise
-        except Exception as exc:  # truncated zip, unpickling errors, ...
-            raise CheckpointError(f"cannot read the weights file {path}: {type(exc).__name__}: {exc}; {REDOWNLOAD}") from exc
-    return state
-
-
-def _check_shards_exist(directory: str, files, index: str) -> None:
-    missing = [os.path.join(directory, name) for name in files if not os.path.isfile(os.path.join(directory, name))]
-    if missing:
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise CheckpointError(
-            f"{len(missing)} of the {len(files)} weight files listed in {index} are missing: "
-            f"{', '.join(missing[:5])}{more}; {REDOWNLOAD} (a download may have stopped midway)"
-        )
-
-
-def _transformers_dtype_kwargs(transformers, dtype):
-    major, minor = (int(x) for x in re.findall(r"\d+", transformers.__version__)[:2])
-    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+    return TorchBinReader(files, REDOWNLOAD)
 
 
 def _check_gguf(path: str) -> None:
@@ -162,38 +144,42 @@ def _gguf_error(path: str, exc: Exception) -> CheckpointError:
     )
 
 
-def _load_gguf(path: str):
-    """(hf_model, tokenizer) of a GGUF file, dequantized to float32 by transformers; a file
-    that is not GGUF, or one transformers cannot parse (truncated, damaged), raises
-    :class:`CheckpointError` naming it."""
-    transformers = _transformers()
-    directory, name = os.path.split(os.path.abspath(path))
-    _check_gguf(path)
-    try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            directory, gguf_file=name, **_transformers_dtype_kwargs(transformers, torch.float32)
-        )
-        tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    except (ImportError, MemoryError):  # a missing `gguf` package says what to install
-        raise
-    except Exception as exc:  # the GGUF parser's struct / numpy errors name no file
-        raise _gguf_error(path, exc) from exc
-    return model, tokenizer
+@dataclass
+class Checkpoint:
+    """An opened checkpoint: its spec and a lazy :class:`~.reader.CheckpointReader` of its
+    tensors (Megatron names for a converted directory, Hugging Face names otherwise)."""
+
+    path: str
+    spec: ModelSpec
+    reader: CheckpointReader
+    megatron_names: bool
+
+    def tokenizer(self):
+        """Its tokenizer (None when it has none)."""
+        return load_tokenizer(self.path)
+
+    def full_state(self) -> Dict[str, Tensor]:
+        """The full (TP = 1) Megatron state, every tensor read whole: for conversion and
+        tests; loading a model reads only its shard (:func:`~.stream.load_shard`)."""
+        rd = self.reader
+        if self.megatron_names:
+            state = {k: rd.read(k) for k in rd.names()}
+            check_full_state(state, self.spec)
+            return state
+        return hf_to_megatron({k: rd.read(k) for k in rd.names()}, self.spec)
 
 
-def load_hf_checkpoint(path, *, dtype: Optional[torch.dtype] = None, report: Report = None):
-    """``(spec, full_megatron_state, tokenizer_or_None)`` of a checkpoint.
+def open_checkpoint(path, *, report: Report = None) -> Checkpoint:
+    """Open a checkpoint without reading its tensors: a Hugging Face directory
+    (``config.json`` + ``*.safetensors`` / ``model.safetensors.index.json``, else
+    ``pytorch_model.bin``), a ``.gguf`` file, or a directory written by
+    :func:`save_converted`.
 
-    ``path``: a Hugging Face directory (``config.json`` + ``*.safetensors`` /
-    ``model.safetensors.index.json``, else ``pytorch_model.bin`` read with
-    ``weights_only=True``), a ``.gguf`` file (loaded through transformers; the config comes
-    from the GGUF model itself, each extra GGUF parse costing seconds), or a directory
-    written by :func:`save_converted`.  ``dtype`` casts the floating tensors (default: as
-    stored; GGUF gives float32).  The config's ``model_type`` picks the model family.
-
-    Damaged files raise :class:`CheckpointError` naming the file.  What an interrupted
-    :func:`save_converted` left beside ``path`` is resolved first and reported through
-    ``report`` (default: a warning).
+    The config is parsed (its ``model_type`` picks the family; a config the family cannot
+    serve raises :class:`UnsupportedModelError` naming the field), and the weight files'
+    headers are read and checked (a missing or truncated shard raises
+    :class:`CheckpointError` naming the file and its tensors).  What an interrupted
+    :func:`save_converted` left beside ``path`` is resolved first.
     """
     path = os.fspath(path)
     accepted = (
@@ -205,20 +191,46 @@ def load_hf_checkpoint(path, *, dtype: Optional[torch.dtype] = None, report: Rep
         raise FileNotFoundError(f"checkpoint path {path!r} does not exist; expected {accepted}")
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, MARKER_FILE)):
-            return _load_converted(path, dtype)
+            spec, weights = _converted_spec(path)
+            return Checkpoint(path, spec, SafetensorsReader([weights], RECONVERT), True)
         config_path = os.path.join(path, "config.json")
         if not os.path.exists(config_path):
             raise FileNotFoundError(f"{path!r} has neither config.json nor {MARKER_FILE}; expected {accepted}")
         spec = ModelSpec.from_hf_config(_read_json(config_path, REDOWNLOAD))
-        state = hf_to_megatron(_read_hf_weights(path), spec)
-        return spec, _cast(state, dtype), _load_tokenizer(path)
+        return Checkpoint(path, spec, _hf_reader(path), False)
     if path.lower().endswith(".gguf"):
-        hf_model, tokenizer = _load_gguf(path)
-        spec = ModelSpec.from_hf_config(hf_model.config)
-        state = hf_to_megatron(hf_model.state_dict(), spec)
-        del hf_model
-        return spec, _cast(state, dtype), tokenizer
+        _check_gguf(path)
+        spec = ModelSpec.from_hf_config(gguf_config(path))
+        keys = family_for(spec.model_type).keys
+        return Checkpoint(path, spec, GGUFTensorReader(path, keys, spec.kv_channels, REDOWNLOAD), False)
     raise ValueError(f"cannot load {path!r}: expected {accepted}")
+
+
+def load_hf_checkpoint(path, *, dtype: Optional[torch.dtype] = None, report: Report = None):
+    """``(spec, full_megatron_state, tokenizer_or_None)`` of a checkpoint, every tensor
+    read whole (for conversion and tests: a model loads only its shard, see
+    :func:`open_checkpoint` and :func:`~.stream.load_shard`).
+
+    ``path``: as :func:`open_checkpoint` takes.  ``dtype`` casts the floating tensors
+    (default: as stored; GGUF gives float32).  Damaged files raise
+    :class:`CheckpointError` naming the file.
+    """
+    ckpt = open_checkpoint(path, report=report)
+    with ckpt.reader:
+        state = ckpt.full_state()
+    return ckpt.spec, _cast(state, dtype), ckpt.tokenizer()
+
+
+def check_output_directory(out_dir: str) -> None:
+    """A converted checkpoint may be written to ``out_dir``: new, empty or an earlier one."""
+    if os.path.isdir(out_dir) and not os.path.exists(os.path.join(out_dir, MARKER_FILE)):
+        others = sorted(os.listdir(out_dir))
+        if others:
+            shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+            raise CheckpointError(
+                f"cannot write a converted checkpoint to {out_dir}: it holds other files ({shown}), which "
+                "replacing it would delete; pass a new or empty directory"
+            )
 
 
 def save_converted(out_dir, spec: ModelSpec, full_state: Mapping[str, Tensor], tokenizer=None, dtype=None,
@@ -233,14 +245,7 @@ def save_converted(out_dir, spec: ModelSpec, full_state: Mapping[str, Tensor], t
     """
     out_dir = os.fspath(out_dir)
     check_full_state(full_state, spec)
-    if os.path.isdir(out_dir) and not os.path.exists(os.path.join(out_dir, MARKER_FILE)):
-        others = sorted(os.listdir(out_dir))
-        if others:
-            shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
-            raise CheckpointError(
-                f"cannot write a converted checkpoint to {out_dir}: it holds other files ({shown}), which "
-                "replacing it would delete; pass a new or empty directory"
-            )
+    check_output_directory(out_dir)
     tensors, seen = {}, set()
     for k, v in full_state.items():
         v = v.detach().cpu()
@@ -260,7 +265,8 @@ def save_converted(out_dir, spec: ModelSpec, full_state: Mapping[str, Tensor], t
     return out_dir
 
 
-def _load_converted(directory, dtype):
+def _converted_spec(directory):
+    """(spec, weights file) of a directory written by :func:`save_converted`."""
     marker = os.path.join(directory, MARKER_FILE)
     meta = _read_json(marker, RECONVERT)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME or meta.get("format_version") != FORMAT_VERSION:
@@ -278,9 +284,7 @@ def _load_converted(directory, dtype):
     weights = os.path.join(directory, meta.get("weights", WEIGHTS_FILE))
     if not os.path.isfile(weights):
         raise CheckpointError(f"{directory}: its weights file {weights} is missing; {RECONVERT}")
-    state = load_safetensors(weights, what="the converted weights file", remedy=RECONVERT)
-    check_full_state(state, spec)
-    return spec, _cast(state, dtype), _load_tokenizer(directory)
+    return spec, weights
 
 
 def load_tokenizer(path):
@@ -299,6 +303,29 @@ def load_tokenizer(path):
         raise
     except Exception as exc:
         raise _gguf_error(path, exc) from exc
+
+
+def eos_token_ids(path, tokenizer=None) -> List[int]:
+    """The ids that end generation for checkpoint ``path``: ``eos_token_id`` of its
+    ``generation_config.json`` and of its ``config.json`` (an id or a list of ids; Llama 3.x
+    lists several), and ``tokenizer``'s, in that order, without repeats."""
+    path = os.fspath(path)
+    found: List[int] = []
+    if os.path.isdir(path):
+        for name in ("generation_config.json", "config.json"):
+            f = os.path.join(path, name)
+            data = _read_json(f, REDOWNLOAD) if os.path.isfile(f) else None
+            value = data.get("eos_token_id") if isinstance(data, dict) else None
+            for v in value if isinstance(value, (list, tuple)) else [value]:
+                if v is not None:
+                    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                        raise CheckpointError(f"{f}: eos_token_id {value!r} is not a token id or a list of them; "
+                                              f"{REDOWNLOAD}")
+                    found.append(v)
+    tok_eos = getattr(tokenizer, "eos_token_id", None)
+    if tok_eos is not None:
+        found.append(int(tok_eos))
+    return list(dict.fromkeys(found))
 
 
 def default_model_path() -> str:
@@ -345,8 +372,9 @@ def default_checkpoint(report: Report = None) -> str:
             if not os.path.isfile(os.path.join(target, MARKER_FILE)):
                 if report is not None:
                     report(f"converting the default model once into {target}")
-                spec, state, tokenizer = load_hf_checkpoint(source)
-                save_converted(target, spec, state, tokenizer=tokenizer, report=report)
+                from .writer import convert_checkpoint  # local: writer.py builds on this module
+
+                convert_checkpoint(source, target, report=report)
     except OSError as exc:
         if report is not None:
             report(f"cannot keep the converted default model in {cache_dir()} ({exc.strerror or exc}); "

@@ -1,22 +1,24 @@
 """The family-independent description of a model (:class:`ModelSpec`): parsed from a
 Hugging Face config (the ``model_type``'s :class:`~.families.ModelFamily` supplies the
 per-family quirks), turned into Megatron's ``TransformerConfig`` and ``GPTModel``
-arguments, and the RoPE helpers (``rope_parameters`` / ``rope_scaling`` parsing, Llama-3
-inverse frequencies).
+arguments, and its RoPE frequencies (Llama-3 through Megatron's own formula, YaRN through
+:mod:`.rope`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..errors import UnsupportedModelError
-from .families import SUPPORTED_ROPE_TYPES, ModelFamily, family_for
+from .families import ModelFamily, family_for
+from .rope import rope_parameters, yarn_inv_freq
 
 Tensor = torch.Tensor
 
@@ -30,7 +32,11 @@ class ModelSpec:
 
     ``rope_scaling_type`` is None (plain RoPE), ``"llama3"`` (``rope_scaling_factor``,
     ``rope_low_freq_factor``, ``rope_high_freq_factor``,
-    ``rope_original_max_position_embeddings``) or ``"linear"`` (``rope_scaling_factor``).
+    ``rope_original_max_position_embeddings``), ``"linear"`` (``rope_scaling_factor``) or
+    ``"yarn"`` (``rope_scaling_factor``, ``rope_original_max_position_embeddings``,
+    ``rope_beta_fast``, ``rope_beta_slow``, ``rope_attention_factor``, ``rope_truncate``).
+    YaRN's attention factor multiplies cos and sin; RoPE being linear, the Megatron state
+    holds it folded into the q and k rows of ``linear_qkv`` (:meth:`rope_qk_scale`).
     """
 
     model_type: str
@@ -51,6 +57,10 @@ class ModelSpec:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_position_embeddings: int = 8192
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_attention_factor: Optional[float] = None
+    rope_truncate: bool = True
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -79,6 +89,11 @@ class ModelSpec:
                 f"attention_bias=True ({model_type} q/k/v/o projection biases) is not "
                 "supported: the Megatron layer has no linear_proj bias without MLP biases"
             )
+        for name in ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size"):
+            if get(name):
+                raise UnsupportedModelError(
+                    f"{name}={get(name)}: mixture-of-experts models are not supported (only dense MLPs)"
+                )
         if get("mlp_bias", False):
             raise UnsupportedModelError("mlp_bias=True is not supported (Megatron add_bias_linear=False)")
         family.check_sliding_window(get)
@@ -111,6 +126,10 @@ class ModelSpec:
             rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
             rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
             rope_original_max_position_embeddings=int(rope.get("original_max_position_embeddings", 8192)),
+            rope_beta_fast=float(rope.get("beta_fast", 32.0)),
+            rope_beta_slow=float(rope.get("beta_slow", 1.0)),
+            rope_attention_factor=rope.get("attention_factor"),
+            rope_truncate=bool(rope.get("truncate", True)),
         )
         spec.validate()
         return spec
@@ -122,11 +141,51 @@ class ModelSpec:
                 f"num_key_value_heads ({self.num_query_groups}) must divide num_attention_heads "
                 f"({self.num_attention_heads})"
             )
-        if self.rope_scaling_type not in (None, "llama3", "linear"):
+        if self.rope_scaling_type not in (None, "llama3", "linear", "yarn"):
             raise ValueError(f"rope_scaling_type={self.rope_scaling_type!r} is not supported")
         if self.kv_channels % 2:
             raise ValueError(f"head_dim ({self.kv_channels}) must be even for RoPE")
         return self
+
+    @property
+    def max_positions(self) -> int:
+        """The positions the model serves: ``max_position_embeddings``, or with YaRN the
+        original positions times the factor when that is more."""
+        if self.rope_scaling_type == "yarn":
+            return max(self.max_position_embeddings,
+                       int(self.rope_original_max_position_embeddings * self.rope_scaling_factor))
+        return self.max_position_embeddings
+
+    def rope_qk_scale(self) -> float:
+        """The factor on q and k (each) that YaRN's attention factor amounts to (1 otherwise)."""
+        if self.rope_scaling_type != "yarn":
+            return 1.0
+        if self.rope_attention_factor is not None:
+            return float(self.rope_attention_factor)
+        return 1.0 if self.rope_scaling_factor <= 1 else 0.1 * math.log(self.rope_scaling_factor) + 1.0
+
+    def rope_description(self) -> str:
+        """The RoPE scaling in words, for messages."""
+        if self.rope_scaling_type == "yarn":
+            return (f"YaRN RoPE scaling, factor {self.rope_scaling_factor:g} from "
+                    f"{self.rope_original_max_position_embeddings} original positions")
+        if self.rope_scaling_type == "llama3":
+            return (f"llama3 RoPE scaling, factor {self.rope_scaling_factor:g} from "
+                    f"{self.rope_original_max_position_embeddings} original positions")
+        if self.rope_scaling_type == "linear":
+            return f"linear RoPE scaling, factor {self.rope_scaling_factor:g}"
+        return "no RoPE scaling"
+
+    def check_positions(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """Refuse a prompt plus answer longer than the model's positions, naming both numbers."""
+        need = prompt_tokens + max_new_tokens
+        if need > self.max_positions:
+            raise UnsupportedModelError(
+                f"the prompt ({prompt_tokens} tokens) plus max_new_tokens ({max_new_tokens}) is {need} positions, "
+                f"more than the model's {self.max_positions} (max_position_embeddings="
+                f"{self.max_position_embeddings}, {self.rope_description()}): shorten the prompt or lower "
+                "max_new_tokens"
+            )
 
     # -------------------------------------------------------------- Megatron side
     def padded_vocab(self, tp_size: int = 1) -> int:
@@ -195,7 +254,9 @@ class ModelSpec:
         return kwargs
 
     def needs_inv_freq_override(self) -> bool:
-        """True when the llama3 constants differ from Megatron's hard-coded ones."""
+        """True for YaRN, and when the llama3 constants differ from Megatron's hard-coded ones."""
+        if self.rope_scaling_type == "yarn":
+            return True
         if self.rope_scaling_type != "llama3":
             return False
         mine = dict(
@@ -230,6 +291,10 @@ class ModelSpec:
                 high_freq_factor=self.rope_high_freq_factor,
                 original_max_position_embeddings=self.rope_original_max_position_embeddings,
             )
+        elif self.rope_scaling_type == "yarn":
+            inv_freq = yarn_inv_freq(inv_freq, d, self.rope_theta, self.rope_scaling_factor,
+                                     self.rope_original_max_position_embeddings, self.rope_beta_fast,
+                                     self.rope_beta_slow, self.rope_truncate)
         return inv_freq
 
     # ------------------------------------------------------------ serialization
@@ -287,45 +352,3 @@ def _with_class_defaults(config: Mapping, family: ModelFamily):
         return config
     fields = {k: v for k, v in config.items() if k != "model_type"}
     return AutoConfig.for_model(family.defaults_type, **fields)
-
-
-# --------------------------------------------------------------------------- RoPE
-def rope_parameters(get, max_pos: int, rope_types: Sequence[str] = SUPPORTED_ROPE_TYPES) -> Dict[str, Any]:
-    """RoPE theta and scaling from ``rope_parameters`` (transformers 5) or ``rope_theta`` +
-    ``rope_scaling`` (transformers 4 and older config.json files); ``rope_types`` are the
-    accepted ``rope_type`` values."""
-    params = get("rope_parameters")
-    field = "rope_parameters"
-    if isinstance(params, Mapping) and params and all(isinstance(v, Mapping) for v in params.values()):
-        raise UnsupportedModelError(f"per-layer-type rope_parameters {sorted(params)} are not supported")
-    if not isinstance(params, Mapping) or not params:
-        field = "rope_scaling"
-        params = dict(get("rope_scaling") or {})
-        params.setdefault("rope_theta", get("rope_theta", 10000.0))
-    else:
-        params = dict(params)
-        if params.get("rope_theta") is None:
-            params["rope_theta"] = get("rope_theta", 10000.0)
-    kind = params.get("rope_type", params.get("type", "default")) or "default"
-    partial = params.get("partial_rotary_factor", get("partial_rotary_factor", 1.0))
-    if partial is not None and float(partial) != 1.0:
-        raise UnsupportedModelError(f"partial_rotary_factor={partial} is not supported (only full RoPE)")
-    if kind not in rope_types:
-        raise UnsupportedModelError(f"{field} rope_type={kind!r} is not supported; supported: {', '.join(rope_types)}")
-    out: Dict[str, Any] = {"rope_theta": float(params["rope_theta"]), "rope_scaling_type": None}
-    if kind == "llama3":
-        missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if params.get(k) is None]
-        if missing:
-            raise UnsupportedModelError(f"{field} (llama3) lacks {missing}")
-        out.update(
-            rope_scaling_type="llama3",
-            factor=float(params["factor"]),
-            low_freq_factor=float(params["low_freq_factor"]),
-            high_freq_factor=float(params["high_freq_factor"]),
-            original_max_position_embeddings=int(params.get("original_max_position_embeddings") or max_pos),
-        )
-    elif kind == "linear":
-        if params.get("factor") is None:
-            raise UnsupportedModelError(f"{field} (linear) lacks 'factor'")
-        out.update(rope_scaling_type="linear", factor=float(params["factor"]))
-    return out

@@ -13,6 +13,9 @@ _EXPORTS = {
     "CPKVCache": ".cache",
     "SamplingConfig": ".sampling",
     "sample": ".sampling",
+    "StopStrings": ".sampling",
+    "LongContextLM": ".lm",
+    "Generation": ".lm",
 }
 __all__ = list(_EXPORTS)
 

@@ -60,8 +60,7 @@ def _pick_rows(engine, logits, finite, sampling: SamplingConfig, generator) -> L
 def _decode_together(engine, caches, first_tokens, positions, sampling, generator, progress):
     """Batched decoding from each sequence's first token: the token lists."""
     outs = [[t] for t in first_tokens]
-    stops = set(sampling.stop_ids)
-    done = [len(o) >= sampling.max_new_tokens or o[-1] in stops for o in outs]
+    done = [sampling.done(o) for o in outs]
     if all(done):
         return outs
     batch = BatchedKVCache(caches, room=sampling.max_new_tokens)
@@ -78,7 +77,7 @@ def _decode_together(engine, caches, first_tokens, positions, sampling, generato
         for i, token in enumerate(tokens):
             if not done[i]:
                 outs[i].append(token)
-                done[i] = len(outs[i]) >= sampling.max_new_tokens or token in stops
+                done[i] = sampling.done(outs[i])
         progress()
     return outs
 

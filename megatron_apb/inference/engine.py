@@ -294,13 +294,12 @@ class APBEngine:
         _sync(self.device)
         first_s = time.perf_counter() - start
         out, position = [token], n_doc + query.numel()
-        stops = set(sampling.stop_ids)
         decode_start = time.perf_counter()
-        if len(out) < sampling.max_new_tokens and token not in stops:
+        if not sampling.done(out):
             groups = (self.tp_group,) if cache.complete else (self.cp_group, self.tp_group)
             graph = self.cuda_graphs if self.cuda_graphs is not None else graphs_possible(self.device, *groups)
             runner = DecodeStep(self, cache, last_position=position + sampling.max_new_tokens, graph=graph)
-        while len(out) < sampling.max_new_tokens and token not in stops:
+        while not sampling.done(out):
             logits, finite = runner.step(token, position)
             token = broadcast(self._pick(logits, finite, sampling, gen))
             out.append(token)

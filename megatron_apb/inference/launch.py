@@ -173,6 +173,15 @@ def load_tokenizer(path: Optional[str]):
     return tokenizer
 
 
+def checkpoint_spec(path: Optional[str]):
+    """The :class:`~megatron_apb.checkpoints.ModelSpec` of checkpoint ``path`` (None: the
+    embedded SmolLM2) from its config and file headers, without reading weights: a config
+    the family cannot serve, or a missing or truncated shard, is refused here."""
+    from ..checkpoints import default_checkpoint, open_checkpoint  # local: imports Megatron-Core
+
+    return open_checkpoint(path or default_checkpoint(report=_say_once), report=_say_once).spec
+
+
 def _say_once(message: str) -> None:
     """Progress of one-off work (the default model's conversion) from the first process only."""
     if int(os.environ.get("RANK", "0")) == 0:
@@ -239,7 +248,8 @@ def init_runtime(
     timeout_s = DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
     if not 0 < timeout_s < float("inf"):
         raise APBConfigError(f"--timeout must be > 0 seconds, got {timeout_s}")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # a process group the caller already made counts; else torchrun's (or one process)
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     if tp < 1 or world % tp:
         raise APBConfigError(
             f"--tp {tp} must divide the number of processes ({world}); CP = processes / TP"
@@ -296,31 +306,39 @@ def load_model(path: Optional[str], apb_config: APBConfig, rt: Runtime, *, heads
     """Build the Megatron GPTModel for checkpoint ``path`` (HF directory, GGUF file, or
     converted checkpoint; None: the embedded SmolLM2 default) on this rank's TP shard.
 
+    The model is built in ``rt.dtype`` on ``rt.device`` without initialising its weights;
+    each tensor's shard is then read from the files and copied in, one at a time
+    (:func:`~megatron_apb.checkpoints.load_shard`): no rank reads more than its shard or
+    holds a float32 copy.  Rank 0 shows the progress.
+
     ``heads``: a retaining-head checkpoint (reference layout) to load; the model then has
     retaining heads and ``apb_config`` is returned with their width.
 
     Returns (model, spec, tokenizer, apb_config).
     """
     # local: the checkpoints package imports Megatron-Core, and this module builds every parser
-    from ..checkpoints import build_model, default_checkpoint, load_hf_checkpoint, load_into_model
+    from ..checkpoints import build_model, default_checkpoint, load_shard, open_checkpoint, shard_heads
 
     path = path or default_checkpoint(report=_say_once)
-    spec, state, tokenizer = load_hf_checkpoint(path)
+    ckpt = open_checkpoint(path, report=_say_once)
+    spec, extra = ckpt.spec, None
     if heads is not None:
-        state.update(
-            heads_to_megatron(
-                read_retaining_heads(heads), num_layers=spec.num_layers,
-                num_heads=spec.num_attention_heads, num_kv_heads=spec.num_query_groups,
-                head_dim=spec.kv_channels,
-            )
+        full = heads_to_megatron(
+            read_retaining_heads(heads), num_layers=spec.num_layers,
+            num_heads=spec.num_attention_heads, num_kv_heads=spec.num_query_groups,
+            head_dim=spec.kv_channels,
         )
-        hidden = state[next(k for k in state if k.endswith("retaining_head.fc1.weight"))].shape[0]
+        hidden = full[next(k for k in full if k.endswith("retaining_head.fc1.weight"))].shape[0]
         apb_config = apb_config.replace(retaining_head_hidden=hidden)
+        extra = shard_heads(full, spec, rt.tp_rank, rt.tp)
     model = build_model(
-        spec, apb_config, pg_collection=rt.pg, tp_size=rt.tp, cp_size=rt.cp,
-        config_overrides=dict(perform_initialization=False), parallel_output=False,
+        spec, apb_config, pg_collection=rt.pg, tp_size=rt.tp, cp_size=rt.cp, dtype=rt.dtype,
+        config_overrides=dict(perform_initialization=False, use_cpu_initialization=rt.device.type == "cpu"),
+        parallel_output=False,
     )
-    load_into_model(model, state, spec, rt.tp_rank, rt.tp)
-    del state
+    with ckpt.reader:
+        load_shard(model, ckpt.reader, spec, rt.tp_rank, rt.tp, megatron_names=ckpt.megatron_names,
+                   where=path, extra=extra, progress=rt.is_main)
+    # the norms Megatron makes in float32 whatever params_dtype says (vectors); the rest is in place
     model = model.to(device=rt.device, dtype=rt.dtype).eval()
-    return model, spec, tokenizer, apb_config
+    return model, spec, ckpt.tokenizer(), apb_config

@@ -15,7 +15,7 @@ from ...errors import UnsupportedModelError
 from ...registry import MODEL_FAMILIES
 
 #: RoPE types the converter can express in a Megatron model (a family lists a subset)
-SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "yarn")
 
 #: ``get(name, default=None)`` of a Hugging Face config, as :class:`~..spec.ModelSpec` reads it
 ConfigGetter = Callable[..., object]

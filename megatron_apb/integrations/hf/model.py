@@ -40,7 +40,7 @@ from ...checkpoints import ModelSpec
 from ...comm import group_rank, group_size
 from ...compress import shard_retaining_head
 from ...config import APBConfig
-from ...errors import APBConfigError
+from ...errors import APBConfigError, UnsupportedModelError
 from ...forward import ForwardContext
 from ...megatron.core_attention import APBCoreAttention
 
@@ -165,6 +165,11 @@ class HFModelForAPB(nn.Module):
         self.spec, attentions = swap_in_apb_attention(
             hf_model, apb_config, cp_group=cp_group, tp_group=tp_group, heads=heads
         )
+        if self.spec.rope_qk_scale() != 1:
+            raise UnsupportedModelError(
+                "rope_scaling (yarn): YaRN's attention factor is served by the Megatron model "
+                "(megatron_apb.checkpoints, which folds it into q and k), not on the transformers model"
+            )
         self.attentions = attentions  # a plain list: the modules are registered via hf_model
         self.apb_config = attentions[0].core_attention.apb_config if attentions else apb_config
         self.vocab_size = self.spec.vocab_size
