@@ -95,7 +95,8 @@ class APBConfig:
         sparse: local sparse attention for the causal attention calls (one GPU's prefill,
             and the anchor and own block of every APB/Star rank): ``"none"`` or
             ``"minference"`` (dynamic sparse attention, :mod:`megatron_apb.ops.sparse`;
-            approximate).  Decoding stays dense.
+            approximate).  Decoding stays dense.  ``None`` (default): ``"minference"``
+            when a ``sparse_config`` is given, else ``"none"`` (:attr:`sparse_method`).
         sparse_pattern: the pattern of every head when no ``sparse_config`` is given:
             ``block_sparse``, ``vertical_slash`` or ``a_shape``.
         sparse_budget: about how many keys each query row reads with that pattern.
@@ -139,8 +140,9 @@ class APBConfig:
     backend: str = _option("auto", "attention kernel", choices=BACKENDS)
     seed: int = _option(0, "seed of the random compressor and of fresh retaining heads")
     fused_rope: bool = _option(True, "rotary embedding as one kernel on CUDA")
-    sparse: str = _option("none", "local sparse attention of the prefill: none or minference",
-                          choices=SPARSE_METHODS)
+    sparse: Optional[str] = _option(
+        None, "local sparse attention of the prefill: none or minference (default: minference when a "
+        "sparse_config is given, else none)", choices=SPARSE_METHODS)
     sparse_pattern: str = _option(
         "block_sparse", "sparse pattern without a pattern file: block_sparse, vertical_slash or a_shape",
         choices=SPARSE_PATTERNS)
@@ -187,7 +189,7 @@ class APBConfig:
         for name, low in (("sparse_budget", 1), ("sparse_dense_below", 0)):
             if getattr(self, name) < low:
                 raise APBConfigError(f"{name} must be >= {low}, got {getattr(self, name)}", field=name)
-        SPARSE_METHODS.get(self.sparse).check(self)
+        SPARSE_METHODS.get(self.sparse_method).check(self)
         if self.query_prefix_len < 0:
             raise APBConfigError(f"query_prefix_len must be >= 0, got {self.query_prefix_len}", field="query_prefix_len")
         if self.smoothing_kernel < 1 or self.smoothing_kernel % 2 == 0:
@@ -251,6 +253,13 @@ class APBConfig:
                                  "window is always kept; raise kv_budget or lower kv_window", field="kv_budget")
 
     @property
+    def sparse_method(self) -> str:
+        """The local sparse attention method in effect (``sparse``, resolved)."""
+        if self.sparse is None:
+            return "minference" if self.sparse_config is not None else "none"
+        return self.sparse
+
+    @property
     def compresses_kv(self) -> bool:
         """Whether the prefill compresses the KV cache (SnapKV)."""
         if self.kv_compress is None:
@@ -272,7 +281,7 @@ class APBConfig:
         """The ``backend`` argument of layer ``layer_number``'s prefill attention calls
         (``heads`` query heads on this rank): ``backend`` itself, or with ``sparse`` the
         sparse method's callable (see :mod:`megatron_apb.ops.sparse.backend`)."""
-        return SPARSE_METHODS.get(self.sparse).backend(self, layer_number, heads, num_layers)
+        return SPARSE_METHODS.get(self.sparse_method).backend(self, layer_number, heads, num_layers)
 
     @property
     def compressor_entry(self):

@@ -90,8 +90,8 @@ def config_field_samples():
             candidates = [8, 64] if f.default is None else [f.default + 2, f.default + 1]
         elif kind is float:
             candidates = [0.5] if f.default is None else [f.default / 2]
-        else:
-            candidates = ["x"]
+        else:  # free text; a field naming a file takes a name that resolves without one
+            candidates = ["embedded"] if f.name == "sparse_config" else ["x"]
         for value in candidates:
             try:
                 config = APBConfig(**{f.name: value})

@@ -35,7 +35,7 @@ def eval_methods(base: APBConfig, modes: Sequence[str], compressors: Sequence[st
     """The methods to run: ``full`` alone on one rank, otherwise each mode (``apb`` once per
     compressor).  ``base`` carries the lengths, backend and seed shared by all of them."""
     if cp_size == 1:  # with --sparse the one-process reference becomes the sparse prefill
-        name = "full" if base.sparse == "none" else base.sparse
+        name = "full" if base.sparse_method == "none" else base.sparse_method
         return [EvalMethod(name, base.replace(mode="exact", anchor_len=None, passing_len=None))]
     methods = []
     for mode in modes:
@@ -50,8 +50,8 @@ def eval_methods(base: APBConfig, modes: Sequence[str], compressors: Sequence[st
                 methods.append(EvalMethod(f"{mode}-{c}", base.replace(mode=mode, compressor=c)))
         else:
             methods.append(EvalMethod(mode, base.replace(mode=mode, anchor_len=None, passing_len=None)))
-    if base.sparse != "none":  # every rank's local attention is sparse: say so in the names
-        methods = [EvalMethod(f"{m.name}+{base.sparse}", m.config) for m in methods]
+    if base.sparse_method != "none":  # every rank's local attention is sparse: say so in the names
+        methods = [EvalMethod(f"{m.name}+{base.sparse_method}", m.config) for m in methods]
     return methods
 
 
