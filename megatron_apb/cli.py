@@ -229,8 +229,7 @@ def _add_generate(sub):
 def _cmd_convert(args) -> int:
     """Convert an HF directory or GGUF file once into a fast-loading checkpoint."""
     # local: the checkpoints package imports Megatron-Core; building the parser must not
-    from .checkpoints import convert_checkpoint, default_checkpoint
-    from .checkpoints.dist import convert_to_dist
+    from .checkpoints import convert_checkpoint, convert_to_dist, default_checkpoint
 
     quiet_warnings()
     start = time.perf_counter()

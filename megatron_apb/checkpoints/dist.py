@@ -9,10 +9,12 @@
       tokenizer files, generation_config.json
 
 :func:`convert_to_dist` writes one from anything :func:`~.io.open_checkpoint` opens: the
-model is built once at TP = 1 in the target dtype with every parameter backed by a scratch
-file (so the weights live in the page cache, which the kernel can write back and evict,
-not in the process's own memory), filled tensor by tensor by the streaming loader
-(:func:`~.stream.load_shard`), then saved by ``dist_checkpointing.save`` with the keys
+model is built once at TP = 1 in the target dtype with every parameter (and every shard
+``dist_checkpointing`` would otherwise copy: ``linear_fc1``'s gate and up halves) backed by
+a scratch file beside the output (so the weights live in the page cache, which the kernel
+can write back and evict, not in the process's own memory; the scratch files need the
+checkpoint's size again on disk, plus ``linear_fc1``, until the end), filled tensor by
+tensor by the streaming loader (:func:`~.stream.load_shard`), then saved by ``dist_checkpointing.save`` with the keys
 Megatron-LM's ``--load`` looks up (``model``, ``checkpoint_version``, ``iteration``).
 The whole directory is written beside ``DIR`` and renamed into place
 (:func:`megatron_apb.atomic.atomic_directory`): a conversion killed midway leaves no
@@ -22,7 +24,7 @@ removed then).
 :func:`load_dist` reads one into a model built at any TP (and CP): each rank reads only
 its shard (``dist_checkpointing.load`` of the model's ``sharded_state_dict``).  The
 vocabulary is stored unpadded; Megatron's embedding and output layer accept a padded one
-on load (the extra rows are zeros).
+on load (the extra rows are zeros).  The layout and its checks: :mod:`.dist_layout`.
 """
 
 from __future__ import annotations
@@ -31,68 +33,29 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+from megatron.core.dist_checkpointing.validation import StrictHandling
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
 from ..atomic import Report, atomic_directory
+from ..config import APBConfig
 from ..errors import CheckpointError
-from .spec import ModelSpec
+from ..megatron import init_cpu_megatron, rank_grid_groups
+from .build import build_model
+from .dist_layout import RELEASE, RECONVERT, TRACKER_FILE, check_dist_directory, dist_marker
+from .io import MARKER_FILE, check_output_directory, open_checkpoint
+from .sharding import RETAINING_KEY
+from .stream import check_sources, load_shard, model_tensors, source_names
 
-DIST_FORMAT_NAME = "megatron_apb.torch_dist"
-DIST_FORMAT_VERSION = 1
-#: Megatron-LM's tracker file: ``release`` or the iteration number
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
-RELEASE = "release"
-RECONVERT = "convert it again: megatron-apb convert --model SOURCE --output DIR --format torch_dist"
+#: the scratch directory (inside the directory being written) backing the weights
 _SCRATCH = ".scratch"
-
-
-def iteration_directory(path: str) -> Optional[str]:
-    """The distributed checkpoint a Megatron-LM save directory ``path`` points at through
-    its tracker file (``release/`` or ``iter_0000123/``), or None without a tracker."""
-    tracker = os.path.join(path, TRACKER_FILE)
-    if not os.path.isfile(tracker):
-        return None
-    with open(tracker, encoding="utf-8") as f:
-        text = f.read().strip()
-    if text == RELEASE:
-        return os.path.join(path, RELEASE)
-    try:
-        iteration = int(text)
-    except ValueError:
-        raise CheckpointError(
-            f"{tracker} holds {text[:40]!r}, neither 'release' nor an iteration number; {RECONVERT}"
-        ) from None
-    if iteration < 0:
-        raise CheckpointError(f"{tracker}: iteration {iteration} < 0; {RECONVERT}")
-    return os.path.join(path, f"iter_{iteration:07d}")
-
-
-def check_dist_directory(directory: str, where: str) -> None:
-    """The files ``dist_checkpointing`` needs are in ``directory`` (named in the error),
-    checked before any model is built; a truncated shard shows at :func:`load_dist`."""
-    if not os.path.isdir(directory):
-        raise CheckpointError(f"{where}: the distributed checkpoint directory {directory} is missing; {RECONVERT}")
-    missing = [n for n in ("metadata.json", ".metadata", "common.pt") if not os.path.isfile(os.path.join(directory, n))]
-    shards = [n for n in os.listdir(directory) if n.endswith(".distcp")]
-    if not shards:
-        missing.append("*.distcp (the tensor data)")
-    empty = [n for n in shards if os.path.getsize(os.path.join(directory, n)) == 0]
-    if missing or empty:
-        what = "; ".join(filter(None, [
-            f"missing: {', '.join(missing)}" if missing else "",
-            f"empty: {', '.join(sorted(empty))}" if empty else "",
-        ]))
-        raise CheckpointError(f"{where}: the distributed checkpoint in {directory} is incomplete ({what}); {RECONVERT}")
-
-
-def dist_marker(spec: ModelSpec, dtype: torch.dtype) -> dict:
-    """The ``megatron_apb_checkpoint.json`` of a distributed checkpoint."""
-    return {"format": DIST_FORMAT_NAME, "format_version": DIST_FORMAT_VERSION, "checkpoint": RELEASE,
-            "dtype": str(dtype).replace("torch.", ""), "spec": spec.to_dict()}
-
 
 @contextlib.contextmanager
 def _one_process_group():
@@ -100,8 +63,6 @@ def _one_process_group():
     if dist.is_initialized():
         yield
         return
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -140,6 +101,27 @@ def _back_with_files(model, directory: str) -> int:
     return total
 
 
+def _views_to_files(sharded, directory: str) -> None:
+    """Resolve the factories of a sharded state dict (``linear_fc1``'s gate/up halves) and
+    give every shard that is a view of a larger tensor its own file-backed copy:
+    ``dist_checkpointing``'s writer clones such views into anonymous memory, all at once."""
+    apply_factories(sharded)
+    count = [0]
+
+    def own_file(x):
+        if isinstance(x, ShardedTensor) and x.data is not None:
+            t = x.data.detach()
+            if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+                count[0] += 1
+                path = os.path.join(directory, f"view{count[0]:05d}.bin")
+                copy = torch.from_file(path, shared=True, size=t.numel(), dtype=t.dtype).view(t.shape)
+                copy.copy_(t)
+                x.data = copy
+        return x
+
+    dict_list_map_inplace(own_file, sharded)
+
+
 def _dp_cp_group(pg):
     """Megatron's data-parallel x context-parallel group: the CP group (our grids have DP 1)."""
     if pg is None or getattr(pg, "dp", None) is None or dist.get_world_size(pg.dp) != 1:
@@ -154,14 +136,6 @@ def convert_to_dist(source, out_dir, *, dtype: Optional[torch.dtype] = None, rep
     docstring), streaming: one tensor at a time is read, and the weights are held in
     file-backed pages.  ``dtype``: the stored dtype (default: the source's embedding's;
     GGUF gives float32).  Returns ``out_dir``."""
-    from megatron.core import dist_checkpointing  # local: Megatron-Core is heavy to import
-
-    from .. import APBConfig
-    from ..megatron import init_cpu_megatron, rank_grid_groups
-    from .build import build_model
-    from .io import check_output_directory, open_checkpoint
-    from .stream import check_sources, load_shard, source_names
-
     out_dir = os.fspath(out_dir)
     check_output_directory(out_dir)
     ckpt = open_checkpoint(source, report=report)
@@ -190,14 +164,13 @@ def convert_to_dist(source, out_dir, *, dtype: Optional[torch.dtype] = None, rep
         say(f"saving the distributed checkpoint into {out_dir}/{RELEASE}")
         state = {"model": model.sharded_state_dict(metadata={"dp_cp_group": _dp_cp_group(pg)}),
                  "checkpoint_version": 3.0, "iteration": 0}
+        _views_to_files(state, scratch)
         with _host_only_cuda_sync():
             dist_checkpointing.save(state, directory)
         del state, model
         shutil.rmtree(scratch)
         with open(os.path.join(tmp, TRACKER_FILE), "w", encoding="utf-8") as f:
             f.write(RELEASE)
-        from .io import MARKER_FILE
-
         with open(os.path.join(tmp, MARKER_FILE), "w", encoding="utf-8") as f:
             json.dump(dist_marker(spec, dtype), f, indent=2, sort_keys=True)
         if tokenizer is not None:
@@ -216,21 +189,13 @@ def load_dist(model, directory: str, pg, *, where: Optional[str] = None,
     sharded), copied in after; the checkpoint holds none.  A tensor the model lacks or the
     checkpoint lacks, or unreadable data, raises :class:`CheckpointError` naming the
     directory."""
-    from megatron.core import dist_checkpointing  # local: Megatron-Core is heavy to import
-    from megatron.core.dist_checkpointing.validation import StrictHandling
-
     where = where or directory
     check_dist_directory(directory, where)
-    from .sharding import RETAINING_KEY
-    from .stream import model_tensors
-
     extra = dict(extra or {})
     model_sd = model.sharded_state_dict(metadata={"dp_cp_group": _dp_cp_group(pg)})
     if extra:  # the heads come from their own file
         model_sd = {k: v for k, v in model_sd.items() if "retaining_head" not in k}
     sharded = {"model": model_sd}
-    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
-
     try:
         state = dist_checkpointing.load(sharded, directory, strict=StrictHandling.RAISE_ALL)
     except (Exception, CheckpointException) as exc:

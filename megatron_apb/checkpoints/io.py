@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from ..atomic import Report, atomic_directory, recover
 from ..errors import APBError, CheckpointError
 from .convert import hf_to_megatron
+from .dist_layout import RECONVERT as RECONVERT_DIST, open_dist_layout
 from .families import family_for
 from .gguf_reader import GGUFTensorReader, gguf_config
 from .reader import CheckpointReader, SafetensorsReader, TorchBinReader, _check_index
@@ -196,9 +197,10 @@ def open_checkpoint(path, *, report: Report = None) -> Checkpoint:
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint path {path!r} does not exist; expected {accepted}")
     if os.path.isdir(path):
-        dist_ckpt = _open_dist(path)
-        if dist_ckpt is not None:
-            return dist_ckpt
+        found = open_dist_layout(path, MARKER_FILE)
+        if found is not None:  # a distributed checkpoint (.dist): no tensors to read here
+            top, inner, spec = found
+            return Checkpoint(top, spec, CheckpointReader(RECONVERT_DIST), True, dist_dir=inner)
         if os.path.exists(os.path.join(path, MARKER_FILE)):
             spec, weights = _converted_spec(path)
             return Checkpoint(path, spec, SafetensorsReader([weights], RECONVERT), True)
@@ -272,40 +274,6 @@ def save_converted(out_dir, spec: ModelSpec, full_state: Mapping[str, Tensor], t
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return out_dir
-
-
-def _open_dist(path: str) -> Optional[Checkpoint]:
-    """A distributed checkpoint (:mod:`.dist`) at ``path``: its save directory (marker and
-    tracker) or the ``release``/``iter_*`` directory inside it; None for anything else."""
-    from .dist import DIST_FORMAT_NAME, DIST_FORMAT_VERSION, RECONVERT as REDIST, check_dist_directory, iteration_directory
-
-    top, inner = path, None
-    if os.path.isfile(os.path.join(path, "metadata.json")) and not os.path.exists(os.path.join(path, MARKER_FILE)):
-        top, inner = os.path.dirname(os.path.abspath(path)), path
-    marker = os.path.join(top, MARKER_FILE)
-    meta = _read_json(marker, REDIST) if os.path.isfile(marker) else None
-    if not (isinstance(meta, dict) and meta.get("format") == DIST_FORMAT_NAME):
-        if inner is None and iteration_directory(path) is not None:
-            raise CheckpointError(
-                f"{path} is a Megatron-LM checkpoint without {MARKER_FILE}: the model's config is not known; "
-                "convert the Hugging Face or GGUF source with megatron-apb convert --format torch_dist"
-            )
-        return None
-    if meta.get("format_version") != DIST_FORMAT_VERSION:
-        raise CheckpointError(f"{marker}: format version {meta.get('format_version')!r}; this reader takes "
-                              f"{DIST_FORMAT_VERSION}")
-    try:
-        spec = ModelSpec.from_dict(meta["spec"])
-    except APBError:
-        raise
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{marker}: its \"spec\" is missing or damaged ({type(exc).__name__}: {exc}); {REDIST}") from exc
-    inner = inner or iteration_directory(top)
-    if inner is None:
-        raise CheckpointError(f"{top}: {MARKER_FILE} names a distributed checkpoint but "
-                              f"latest_checkpointed_iteration.txt is missing; {REDIST}")
-    check_dist_directory(inner, top)
-    return Checkpoint(top, spec, CheckpointReader(REDIST), True, dist_dir=inner)
 
 
 def _converted_spec(directory):

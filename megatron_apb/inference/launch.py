@@ -318,7 +318,7 @@ def load_model(path: Optional[str], apb_config: APBConfig, rt: Runtime, *, heads
     Returns (model, spec, tokenizer, apb_config).
     """
     # local: the checkpoints package imports Megatron-Core, and this module builds every parser
-    from ..checkpoints import build_model, default_checkpoint, load_shard, open_checkpoint, shard_heads
+    from ..checkpoints import build_model, default_checkpoint, load_dist, load_shard, open_checkpoint, shard_heads
 
     path = path or default_checkpoint(report=_say_once)
     ckpt = open_checkpoint(path, report=_say_once)
@@ -338,8 +338,6 @@ def load_model(path: Optional[str], apb_config: APBConfig, rt: Runtime, *, heads
         parallel_output=False,
     )
     if ckpt.dist_dir is not None:  # a Megatron-Core distributed checkpoint: dist_checkpointing reads the shards
-        from ..checkpoints.dist import load_dist
-
         if rt.is_main:
             print(f"loading the distributed checkpoint {ckpt.dist_dir}", flush=True)
         load_dist(model, ckpt.dist_dir, rt.pg, where=path, extra=extra)
