@@ -59,7 +59,8 @@ _SCRATCH = ".scratch"
 
 @contextlib.contextmanager
 def _one_process_group():
-    """A one-process gloo group for ``dist_checkpointing`` unless one exists already."""
+    """A one-process gloo group for ``dist_checkpointing`` unless one exists already (a
+    larger one is refused: every process would write the same checkpoint)."""
     if dist.is_initialized():
         yield
         return
@@ -139,7 +140,7 @@ def convert_to_dist(source, out_dir, *, dtype: Optional[torch.dtype] = None, rep
     out_dir = os.fspath(out_dir)
     check_output_directory(out_dir)
     ckpt = open_checkpoint(source, report=report)
-    if getattr(ckpt, "dist_dir", None):
+    if ckpt.dist_dir is not None:
         raise CheckpointError(f"{source} is already a distributed checkpoint; convert from the Hugging Face or GGUF source")
     spec, reader = ckpt.spec, ckpt.reader
     resolve = check_sources(reader, spec, ckpt.megatron_names, os.fspath(source))  # before any heavy work
@@ -158,7 +159,7 @@ def convert_to_dist(source, out_dir, *, dtype: Optional[torch.dtype] = None, rep
         ).to(dtype)
         _back_with_files(model, scratch)
         load_shard(model, reader, spec, 0, 1, megatron_names=ckpt.megatron_names, where=os.fspath(source),
-                   progress=progress)
+                   progress=progress, label="converting")
         directory = os.path.join(tmp, RELEASE)
         os.mkdir(directory)
         say(f"saving the distributed checkpoint into {out_dir}/{RELEASE}")
