@@ -203,7 +203,8 @@ def _add_generate(sub):
         "--compressor defaults to retaining_head with --heads, else query_attention; "
         "--query-prefix-len to the chat template's header.",
     )
-    p.add_argument("--model", help="HF directory, .gguf file or converted checkpoint")
+    p.add_argument("--model", help="HF directory, .gguf file, converted checkpoint or distributed checkpoint "
+                   "(convert --format torch_dist)")
     p.add_argument("--document-file", help="text file with the document")
     p.add_argument("--question", help="the question (required with --document-file)")
     p.add_argument("--compare", nargs="*", choices=ALGORITHMS.names(),
