@@ -109,3 +109,28 @@ def test_missing_pieces_named(converted, tmp_path):
     os.remove(broken / "megatron_apb_checkpoint.json")
     with pytest.raises(CheckpointError, match="Megatron-LM checkpoint without megatron_apb_checkpoint.json"):
         open_checkpoint(broken)
+
+
+def test_interrupted_convert_leaves_the_old_checkpoint(converted, tmp_path, monkeypatch):
+    """A conversion that fails while dist_checkpointing writes leaves the earlier checkpoint
+    as it was and nothing beside it (a killed one leaves a ``.tmp-`` sibling that the next
+    run removes: tests/test_atomic.py)."""
+    import megatron_apb.checkpoints.dist as dist_module
+
+    hf, out, _, _ = converted
+    target = tmp_path / "dist"
+    shutil.copytree(out, target)
+    before = sorted(str(p.relative_to(target)) for p in target.rglob("*"))
+
+    def killed(state, directory):
+        with open(os.path.join(directory, "metadata.json"), "w") as f:
+            f.write("{}")  # half written
+        raise RuntimeError("killed while saving")
+
+    monkeypatch.setattr(dist_module.dist_checkpointing, "save", killed)
+    with pytest.raises(RuntimeError, match="killed while saving"):
+        dist_module.convert_to_dist(hf, target)
+    assert sorted(str(p.relative_to(target)) for p in target.rglob("*")) == before
+    assert os.listdir(tmp_path) == ["dist"]
+    assert open_checkpoint(target).dist_dir == str(target / "release")
+    assert not torch.distributed.is_initialized()
