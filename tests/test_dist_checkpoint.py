@@ -8,7 +8,8 @@ within 1e-6) and to Hugging Face transformers' (within ``TOL`` of test_checkpoin
 Also: the layout Megatron-LM's ``--load`` reads (``latest_checkpointed_iteration.txt`` =
 ``release``, ``release/metadata.json`` of the ``torch_dist`` backend, ``common.pt`` with
 ``checkpoint_version`` 3 and ``iteration``), an ``iter_0000007`` layout read back, and a
-missing or truncated shard refused with an error naming the directory.
+missing or truncated shard refused with an error naming the directory, and a conversion
+that fails while saving leaving the earlier checkpoint untouched.
 """
 
 import json
