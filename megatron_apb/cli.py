@@ -203,7 +203,8 @@ def _add_generate(sub):
         "--compressor defaults to retaining_head with --heads, else query_attention; "
         "--query-prefix-len to the chat template's header.",
     )
-    p.add_argument("--model", help="HF directory, .gguf file or converted checkpoint")
+    p.add_argument("--model", help="HF directory, .gguf file, converted checkpoint or distributed checkpoint "
+                   "(convert --format torch_dist)")
     p.add_argument("--document-file", help="text file with the document")
     p.add_argument("--question", help="the question (required with --document-file)")
     p.add_argument("--compare", nargs="*", choices=ALGORITHMS.names(),
@@ -229,13 +230,17 @@ def _add_generate(sub):
 def _cmd_convert(args) -> int:
     """Convert an HF directory or GGUF file once into a fast-loading checkpoint."""
     # local: the checkpoints package imports Megatron-Core; building the parser must not
-    from .checkpoints import convert_checkpoint, default_checkpoint
+    from .checkpoints import convert_checkpoint, convert_to_dist, default_checkpoint
 
     quiet_warnings()
     start = time.perf_counter()
-    source = args.model or default_checkpoint(report=lambda msg: print(msg, flush=True))
+    say = lambda msg: print(msg, flush=True)  # noqa: E731
+    source = args.model or default_checkpoint(report=say)
     print(f"reading {source}", flush=True)
-    out = convert_checkpoint(source, args.output, dtype=parse_dtype(args.dtype), progress=True)
+    if args.format == "torch_dist":
+        out = convert_to_dist(source, args.output, dtype=parse_dtype(args.dtype), progress=True, report=say)
+    else:
+        out = convert_checkpoint(source, args.output, dtype=parse_dtype(args.dtype), progress=True)
     print(f"wrote {out} in {time.perf_counter() - start:.1f} s", flush=True)
     return 0
 
@@ -257,6 +262,12 @@ def _add_convert(sub):
     p.add_argument("--model", help="HF directory or .gguf file (default: the embedded SmolLM2)")
     p.add_argument("--output", required=True, help="directory to write")
     p.add_argument("--dtype", choices=list(DTYPES), help="store weights in this dtype")
+    p.add_argument(
+        "--format", choices=("converted", "torch_dist"), default="converted",
+        help="converted: one safetensors file of the full Megatron state (default); torch_dist: a Megatron-Core "
+        "distributed checkpoint in Megatron-LM's layout (latest_checkpointed_iteration.txt, release/), which "
+        "`generate --model DIR` loads at any TP and Megatron-LM's --load accepts (see the README)",
+    )
     p.set_defaults(func=_cmd_convert, validate=_validate_convert)
 
 

@@ -282,3 +282,45 @@ def check_streaming_load(rank, world, tp, path):
         "bytes": got_bytes, "max_f32": Float32Watch.largest, "max_diff": worst,
         "dtypes": sorted({str(v.dtype) for v in sd.values()}), "names": sorted(sd) == sorted(want),
     }
+
+
+def check_dist_checkpoint(rank, world, dist_dir, iter_dir, hf_dir, tokens, truncated_dir):
+    """Loads of distributed checkpoints (``convert --format torch_dist``) on 2 processes:
+
+    * ``tp1``: ``dist_dir`` at TP 1 x CP 2 through ``load_dist`` (each rank its CP block of
+      logits), ``tp1_vs_stream``: against the streaming load of ``hf_dir`` on the same grid;
+    * ``tp2``: ``iter_dir`` (the same checkpoint in the ``iter_0000007`` layout) at TP 2 x
+      CP 1 through the command line's ``load_model`` (full logits, padded vocabulary
+      columns separately as ``tp2:pad``), ``tp2_vs_stream`` likewise;
+    * ``truncated``: the error of loading ``truncated_dir`` (a shard cut short).
+    """
+    _setup()
+    from megatron_apb.checkpoints import load_shard, open_checkpoint
+    from megatron_apb.checkpoints.dist import load_dist
+    from megatron_apb.inference.launch import Runtime, load_model
+
+    tokens = torch.as_tensor(tokens)
+    out = {}
+    pg, tp_rank, cp_rank = _places(1, 2)
+    ckpt = open_checkpoint(dist_dir)
+    model = _build(ckpt.spec, pg)
+    load_dist(model, ckpt.dist_dir, pg, where=dist_dir)
+    out["tp1"] = _block_logits(model, tokens, 2, cp_rank)
+    source = open_checkpoint(hf_dir)
+    ref = _build(source.spec, pg)
+    load_shard(ref, source.reader, source.spec, tp_rank, 1)
+    out["tp1_vs_stream"] = (out["tp1"] - _block_logits(ref, tokens, 2, cp_rank)).abs().max().item()
+    out["truncated"] = error_message(lambda: load_dist(_build(ckpt.spec, pg), open_checkpoint(truncated_dir).dist_dir,
+                                                       pg, where=truncated_dir))
+
+    pg, tp_rank, cp_rank = _places(2, 1)
+    rt = Runtime(rank=rank, world=world, tp=2, cp=1, pg=pg, device=torch.device("cpu"), dtype=torch.float32)
+    from megatron_apb import APBConfig
+
+    model, spec, _, _ = load_model(iter_dir, APBConfig(mode="exact"), rt)
+    got = _block_logits(model, tokens, 1, 0)
+    out["tp2"], out["tp2:pad"] = got[:, : spec.vocab_size], got[:, spec.vocab_size :].abs().max().item()
+    ref = _build(source.spec, pg)
+    load_shard(ref, source.reader, source.spec, tp_rank, 2)
+    out["tp2_vs_stream"] = (got - _block_logits(ref, tokens, 1, 0)).abs().max().item()
+    return out

@@ -231,9 +231,37 @@ def server_scenario():
     return {"ranks": gathered}
 
 
+def load_scenario():
+    """World 2 = TP 2, Megatron-LM's default (local) layer spec: ``--load`` of the
+    distributed checkpoint ``convert --format torch_dist`` wrote (``LOAD_DIR``) through
+    Megatron-LM's ``load_checkpoint``; the logits of ``LOAD_TOKENS`` (comma-separated),
+    gathered over TP."""
+    from megatron.core import mpu
+    from megatron.training.checkpointing import load_checkpoint
+    from gpt_builders import gpt_builder
+
+    args = initialize(MODEL_FLAGS + [
+        "--tensor-model-parallel-size", "2", "--load", os.environ["LOAD_DIR"], "--ckpt-format", "torch_dist",
+        "--no-load-optim", "--no-load-rng", "--exit-on-missing-checkpoint",
+    ], None)
+    model = build(gpt_builder)
+    make = torch.tensor
+    if torch.cuda.device_count() == 0:  # read_metadata all-reduces the iteration from a tensor on 'cuda'
+        torch.tensor = lambda *a, device=None, **k: make(*a, device="cpu" if device == "cuda" else device, **k)
+    try:
+        iteration, _ = load_checkpoint([model], None, None)
+    finally:
+        torch.tensor = make
+    tokens = torch.tensor([int(t) for t in os.environ["LOAD_TOKENS"].split(",")])
+    part = logits(model, tokens)  # this TP rank's vocabulary columns
+    parts = [torch.empty_like(part) for _ in range(mpu.get_tensor_model_parallel_world_size())]
+    torch.distributed.all_gather(parts, part, group=mpu.get_tensor_model_parallel_group())
+    return {"iteration": iteration, "ckpt_format": args.ckpt_format, "logits": torch.cat(parts, -1).tolist()}
+
+
 def main():
     scenario, out = sys.argv[1], sys.argv[2]
-    report = {"spec": spec_scenario, "server": server_scenario}[scenario]()
+    report = {"spec": spec_scenario, "server": server_scenario, "load": load_scenario}[scenario]()
     if int(os.environ.get("RANK", "0")) == 0:
         with open(out, "w") as f:
             json.dump(report, f)

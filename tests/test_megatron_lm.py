@@ -381,11 +381,11 @@ def megatron_training(megatron_lm):
     return megatron_lm
 
 
-def _torchrun(nproc, scenario, pythonpath, tmp_path):
+def _torchrun(nproc, scenario, pythonpath, tmp_path, **env_vars):
     out = tmp_path / f"{scenario}.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            os.path.join(ROOT, "tests", "megatron_lm_worker.py"), scenario, str(out)]
-    env = dict(os.environ, PYTHONPATH=pythonpath, PYTHONWARNINGS="ignore")
+    env = dict(os.environ, PYTHONPATH=pythonpath, PYTHONWARNINGS="ignore", **env_vars)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=480)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-6000:])
     return json.loads(out.read_text())
@@ -491,3 +491,32 @@ def test_megatron_lm_text_generation_server_cp2(megatron_training, tmp_path):
         assert r["engine"] == "APBServerEngine"
         assert r["got"] == r["want"] == ranks[0]["got"] and len(r["got"]) == 6, r
         assert r["text"] == " ".join(map(str, r["got"]))
+
+
+def test_megatron_lm_loads_converted_dist_checkpoint(megatron_training, tmp_path):
+    """``convert --format torch_dist`` of a tiny random HF Llama shaped as the worker's
+    MODEL_FLAGS, then Megatron-LM's own ``load_checkpoint`` (``--load DIR --ckpt-format
+    torch_dist``, TP 2, its local layer spec): logits equal to transformers' (fp32, within
+    2e-5; the vocabulary Megatron-LM pads to 256 gives zero logits)."""
+    import torch
+    from transformers import LlamaConfig
+
+    from tests.test_checkpoint import _hf_model, _logits
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0, rms_norm_eps=1e-5,
+                         max_position_embeddings=256, tie_word_embeddings=False)
+    model = _hf_model(config, 11)
+    model.save_pretrained(tmp_path / "hf")
+    env = dict(os.environ, PYTHONPATH=_pythonpath())
+    proc = subprocess.run([sys.executable, "-m", "megatron_apb.cli", "convert", "--model", str(tmp_path / "hf"),
+                           "--output", str(tmp_path / "dist"), "--format", "torch_dist"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tokens = torch.randint(0, 128, (24,), generator=torch.Generator().manual_seed(2))
+    r = _torchrun(2, "load", _pythonpath(megatron_training), tmp_path, LOAD_DIR=str(tmp_path / "dist"),
+                  LOAD_TOKENS=",".join(map(str, tokens.tolist())))
+    got = torch.tensor(r["logits"])
+    assert r["iteration"] == 0 and r["ckpt_format"] == "torch_dist" and got.shape == (24, 256), r["iteration"]
+    assert (got[:, :128] - _logits(model, tokens)).abs().max() <= 2e-5
+    assert got[:, 128:].abs().max() == 0

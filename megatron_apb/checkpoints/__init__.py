@@ -6,7 +6,10 @@ Sources (:func:`open_checkpoint`):
   ``pytorch_model.bin`` only as a fallback, memory-mapped with ``weights_only=True``),
 * a ``.gguf`` file (read tensor by tensor with the ``gguf`` package),
 * a directory written by :func:`save_converted` / :func:`convert_checkpoint` (marker file
-  ``megatron_apb_checkpoint.json``).
+  ``megatron_apb_checkpoint.json``),
+* a Megatron-Core distributed checkpoint written by :func:`convert_to_dist` (Megatron-LM's
+  layout: ``latest_checkpointed_iteration.txt``, ``release/``; the same marker file holds
+  the spec), read into a model at any TP/CP with :func:`load_dist`.
 
 Opening parses the config into a :class:`ModelSpec` and checks the weight files' headers
 (a missing or truncated shard is named with its tensors) without reading any weights.
@@ -39,7 +42,8 @@ Modules: :mod:`.spec` (``ModelSpec``), :mod:`.rope` (RoPE parsing, YaRN), :mod:`
 (one per family), :mod:`.convert` (HF -> Megatron names), :mod:`.sharding` (TP of a full
 state), :mod:`.reader` / :mod:`.gguf_reader` (lazy tensor readers), :mod:`.stream` (the
 sharded load), :mod:`.io` (opening, converted directories), :mod:`.writer` (streaming
-conversion), :mod:`.build` (models).
+conversion), :mod:`.dist` / :mod:`.dist_layout` (distributed checkpoints), :mod:`.build`
+(models).
 """
 
 from ..errors import CheckpointError, UnsupportedModelError
@@ -64,6 +68,7 @@ from .reader import CheckpointReader
 from .sharding import shard_for_tp
 from .stream import load_shard, shard_heads
 from .writer import convert_checkpoint
+from .dist import convert_to_dist, load_dist
 from .spec import MEGATRON_LLAMA3_DEFAULTS, ModelSpec
 
 __all__ = [
@@ -82,6 +87,8 @@ __all__ = [
     "CheckpointReader",
     "load_shard",
     "convert_checkpoint",
+    "convert_to_dist",
+    "load_dist",
     "shard_heads",
     "build_model",
     "load_into_model",

@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from ..atomic import Report, atomic_directory, recover
 from ..errors import APBError, CheckpointError
 from .convert import hf_to_megatron
+from .dist_layout import RECONVERT as RECONVERT_DIST, open_dist_layout
 from .families import family_for
 from .gguf_reader import GGUFTensorReader, gguf_config
 from .reader import CheckpointReader, SafetensorsReader, TorchBinReader, _check_index
@@ -153,6 +154,10 @@ class Checkpoint:
     spec: ModelSpec
     reader: CheckpointReader
     megatron_names: bool
+    #: a Megatron-Core distributed checkpoint (``convert --format torch_dist``): the
+    #: directory ``dist_checkpointing`` reads (``reader`` then holds no tensors; load it
+    #: with :func:`~.dist.load_dist`)
+    dist_dir: Optional[str] = None
 
     def tokenizer(self):
         """Its tokenizer (None when it has none)."""
@@ -162,6 +167,8 @@ class Checkpoint:
         """The full (TP = 1) Megatron state, every tensor read whole: for conversion and
         tests; loading a model reads only its shard (:func:`~.stream.load_shard`)."""
         rd = self.reader
+        if self.dist_dir is not None:
+            raise CheckpointError(f"{self.path} is a distributed checkpoint: load it into a model with load_dist")
         if self.megatron_names:
             state = {k: rd.read(k) for k in rd.names()}
             check_full_state(state, self.spec)
@@ -190,6 +197,10 @@ def open_checkpoint(path, *, report: Report = None) -> Checkpoint:
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint path {path!r} does not exist; expected {accepted}")
     if os.path.isdir(path):
+        found = open_dist_layout(path, MARKER_FILE)
+        if found is not None:  # a distributed checkpoint (.dist): no tensors to read here
+            top, inner, spec = found
+            return Checkpoint(top, spec, CheckpointReader(RECONVERT_DIST), True, dist_dir=inner)
         if os.path.exists(os.path.join(path, MARKER_FILE)):
             spec, weights = _converted_spec(path)
             return Checkpoint(path, spec, SafetensorsReader([weights], RECONVERT), True)

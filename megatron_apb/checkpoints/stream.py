@@ -245,14 +245,15 @@ class Progress:
 
 def load_shard(model, reader: CheckpointReader, spec: ModelSpec, tp_rank: int, tp_size: int, *,
                megatron_names: bool = False, where: str = "the checkpoint", extra: Optional[Dict[str, Tensor]] = None,
-               progress: bool = False) -> Dict[str, int]:
+               progress: bool = False, label: str = "loading") -> Dict[str, int]:
     """Read this TP rank's shard of every tensor from ``reader`` straight into ``model``.
 
     ``model``: built for ``spec`` at ``tp_size`` (any dtype and device: each tensor is cast
     and moved by the copy into its parameter, one at a time).  ``extra``: already sharded
     tensors to copy as well (retaining heads).  Names and shapes of the checkpoint and of
     the model are checked before any tensor is read (:class:`CheckpointError` naming
-    them).  Returns ``{"tensors": n, "bytes_read": bytes this rank read from the files}``.
+    them).  ``progress``: show ``label: 12/291 tensors, ...`` on stderr.  Returns
+    ``{"tensors": n, "bytes_read": bytes this rank read from the files}``.
     """
     resolve = check_sources(reader, spec, megatron_names, where)
     recipes = shard_recipes(spec, tp_rank, tp_size, megatron_names, resolve)
@@ -279,7 +280,7 @@ def load_shard(model, reader: CheckpointReader, spec: ModelSpec, tp_rank: int, t
     if problems:
         raise CheckpointError(f"cannot load {where}: " + " | ".join(problems))
     total = sum(target[k].numel() * target[k].element_size() for k in wanted)
-    bar = Progress(len(wanted), total, progress)
+    bar = Progress(len(wanted), total, progress, label=label)
     start = reader.bytes_read
     with torch.no_grad():
         for name, (read, _) in recipes.items():

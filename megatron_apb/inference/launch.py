@@ -303,8 +303,9 @@ def init_runtime(
 
 
 def load_model(path: Optional[str], apb_config: APBConfig, rt: Runtime, *, heads: Optional[str] = None):
-    """Build the Megatron GPTModel for checkpoint ``path`` (HF directory, GGUF file, or
-    converted checkpoint; None: the embedded SmolLM2 default) on this rank's TP shard.
+    """Build the Megatron GPTModel for checkpoint ``path`` (HF directory, GGUF file,
+    converted checkpoint, or distributed checkpoint of ``convert --format torch_dist``;
+    None: the embedded SmolLM2 default) on this rank's TP shard.
 
     The model is built in ``rt.dtype`` on ``rt.device`` without initialising its weights;
     each tensor's shard is then read from the files and copied in, one at a time
@@ -317,7 +318,7 @@ def load_model(path: Optional[str], apb_config: APBConfig, rt: Runtime, *, heads
     Returns (model, spec, tokenizer, apb_config).
     """
     # local: the checkpoints package imports Megatron-Core, and this module builds every parser
-    from ..checkpoints import build_model, default_checkpoint, load_shard, open_checkpoint, shard_heads
+    from ..checkpoints import build_model, default_checkpoint, load_dist, load_shard, open_checkpoint, shard_heads
 
     path = path or default_checkpoint(report=_say_once)
     ckpt = open_checkpoint(path, report=_say_once)
@@ -336,9 +337,14 @@ def load_model(path: Optional[str], apb_config: APBConfig, rt: Runtime, *, heads
         config_overrides=dict(perform_initialization=False, use_cpu_initialization=rt.device.type == "cpu"),
         parallel_output=False,
     )
-    with ckpt.reader:
-        load_shard(model, ckpt.reader, spec, rt.tp_rank, rt.tp, megatron_names=ckpt.megatron_names,
-                   where=path, extra=extra, progress=rt.is_main)
+    if ckpt.dist_dir is not None:  # a Megatron-Core distributed checkpoint: dist_checkpointing reads the shards
+        if rt.is_main:
+            print(f"loading the distributed checkpoint {ckpt.dist_dir}", flush=True)
+        load_dist(model, ckpt.dist_dir, rt.pg, where=path, extra=extra)
+    else:
+        with ckpt.reader:
+            load_shard(model, ckpt.reader, spec, rt.tp_rank, rt.tp, megatron_names=ckpt.megatron_names,
+                       where=path, extra=extra, progress=rt.is_main)
     # the norms Megatron makes in float32 whatever params_dtype says (vectors); the rest is in place
     model = model.to(device=rt.device, dtype=rt.dtype).eval()
     return model, spec, ckpt.tokenizer(), apb_config
