@@ -166,8 +166,12 @@ def run_ours(args, rt):
         doc = torch.randint(0, 100000, (n,), generator=torch.Generator().manual_seed(n))
         query = torch.randint(0, 100000, (args.query_len,), generator=torch.Generator().manual_seed(1))
         for mode in args.modes:
-            sparse = sparse_settings(args) if mode == "minference" else {}
-            cfg = APBConfig(mode="exact" if sparse else mode, compressor=args.compressor, backend=args.backend,
+            # "minference": exact attention with the sparse local backend; "<mode>+minference":
+            # that mode (e.g. apb, star) with every rank's local attention sparse
+            base, _, local = mode.partition("+")
+            sparse = sparse_settings(args) if "minference" in (base, local) else {}
+            base = "exact" if base == "minference" else base
+            cfg = APBConfig(mode=base, compressor=args.compressor, backend=args.backend,
                             anchor_ratio=args.anchor_ratio, passing_ratio=args.passing_ratio,
                             query_prefix_len=16, fused_rope=args.fused, partition=args.partition, **sparse)
             engine = APBEngine(model, cfg, cp_group=rt.pg.cp, tp_group=rt.pg.tp, vocab_size=128000)
@@ -310,7 +314,8 @@ def main():
     p.add_argument("--layers", type=int, help="fewer layers than the shape has (quick runs)")
     p.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     p.add_argument("--modes", nargs="*", default=["exact", "ulysses", "star", "apb"],
-                   help="ours: exact ulysses star apb; torch_cp: PyTorch's context_parallel peer; none: only --hf")
+                   help="ours: exact ulysses star apb, minference (exact with sparse local attention), "
+                   "MODE+minference (e.g. apb+minference); torch_cp: PyTorch's context_parallel peer; none: only --hf")
     p.add_argument("--hf", action="store_true", help="also time HF transformers on one GPU")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--compressor", default="query_attention")

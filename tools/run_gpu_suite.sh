@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # On the GPU machine: GPU tests, the attention-kernel benchmark and the prefill benchmarks.
 #   OUT=results/h200x4 bash tools/run_gpu_suite.sh [stage ...]
-# Stages: tests attention cp long single peer tp2cp2 fused grid (default: the first five).  Each stage has a time limit so one
+# Stages: tests attention cp long single peer tp2cp2 fused grid (default: the first five);
+#   together   the multi-GPU run of balanced APB, sparse local attention and distributed
+#              decoding side by side (3 timed runs each), with the one-GPU emulator's
+#              predictions of the same cases for the predicted-vs-measured table.  Each stage has a time limit so one
 # failure cannot eat the machine's time.  NVLink multicast stays off (shared hosts).
 set -u
 OUT=${OUT:-results/gpu}
@@ -61,6 +64,24 @@ for stage in $stages; do
         --out "$OUT/prefill_cp${NG}_long_exact.json" 2>&1 | grep -E "^\{|rror" | cut -c1-300 | tee -a "$OUT/log.txt"
       timeout ${GRID_TIMEOUT:-420} $TR tools/bench_prefill.py --lengths 1048576 --modes apb --iters 1 --warmup 0 \
         --out "$OUT/prefill_cp${NG}_1m.json" 2>&1 | grep -E "^\{|rror|memory" | cut -c1-300 | tee -a "$OUT/log.txt" ;;
+    together)
+      log "grid on $NG GPUs: equal and balanced APB, sparse local attention, the peers (3 runs each)"
+      for part in equal balanced; do
+        modes="apb"; [ $part = equal ] && modes="exact ulysses star apb apb+minference torch_cp"
+        timeout ${TOGETHER_TIMEOUT:-600} $TR tools/bench_prefill.py --lengths ${TOGETHER_LENGTHS:-32768 131072 524288} \
+          --modes $modes --partition $part --iters 3 --warmup 1 --out "$OUT/prefill_cp${NG}_${part}.json" 2>&1 \
+          | grep -E "^\{|rror" | cut -c1-300 | tee -a "$OUT/log.txt"
+      done
+      log "decoding after 128K on $NG GPUs (exact and APB prefill) and on one GPU (ours and HF)"
+      timeout 300 $TR tools/bench_prefill.py --lengths 131072 --modes exact apb --iters 1 --warmup 1 --decode 32 \
+        --out "$OUT/decode_cp${NG}_128k.json" 2>&1 | grep -E "^\{|rror" | cut -c1-300 | tee -a "$OUT/log.txt"
+      timeout 300 python3 tools/bench_decode_model.py --lengths 131072 --steps 32 --batch-sizes --out "$OUT/decode_1gpu_128k.json" \
+        2>&1 | grep -v -i warn | cut -c1-300 | tee -a "$OUT/log.txt"
+      log "the emulator's predictions of the same cases (one GPU)"
+      timeout 600 python3 tools/emulate_prefill.py --world $NG --lengths ${TOGETHER_LENGTHS:-32768 131072 524288} \
+        --layers-at 32768=8 131072=8 524288=2 --modes exact ulysses star apb --partition equal balanced \
+        --validate "$OUT/prefill_cp${NG}_equal.json" "$OUT/prefill_cp${NG}_balanced.json" \
+        --out "$OUT/emulator_cp${NG}.json" 2>&1 | grep -v -i warn | tail -30 | tee -a "$OUT/log.txt" ;;
   esac
 done
 log done
