@@ -1,7 +1,8 @@
 """Run a function on N CPU processes joined by gloo, collecting each rank's return value.
 
 Workers start from a fork server that has imported torch and Megatron-Core once (a fresh
-process per worker, as with spawn, without paying the imports each time), take the
+process per worker, as with spawn, without paying the imports each time; where CUDA is
+present, from plain spawn: see :func:`_mp_context`), take the
 parent's environment as it is at the call, set one thread each, and are killed if the
 whole run exceeds ``timeout`` seconds, so a broken collective fails the test instead of
 hanging it.
@@ -13,6 +14,7 @@ import os
 import socket
 import traceback
 
+import torch
 import torch.multiprocessing as mp
 
 #: modules the fork server imports once (those that fail to import are skipped)
@@ -22,10 +24,17 @@ _context = None
 
 
 def _mp_context():
+    """The fork server on CPU machines; plain spawn where CUDA is present (a preloaded import
+    may initialise CUDA in the fork server, and CUDA cannot be used in a child forked after
+    that: on the GPU machine the workers failed with "Cannot re-initialize CUDA in forked
+    subprocess")."""
     global _context
     if _context is None:
-        _context = mp.get_context("forkserver")
-        _context.set_forkserver_preload(PRELOAD)
+        if torch.cuda.is_available():
+            _context = mp.get_context("spawn")
+        else:
+            _context = mp.get_context("forkserver")
+            _context.set_forkserver_preload(PRELOAD)
     return _context
 
 
