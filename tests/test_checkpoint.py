@@ -321,6 +321,45 @@ def test_streaming_convert_equals_the_full_state(tmp_path, hf_cases):
         convert_checkpoint(hf_cases[0]["path"], tmp_path / "bf16" / "..")
 
 
+def test_killed_convert_resumes_after_the_last_complete_tensor(tmp_path, hf_cases, monkeypatch):
+    """A conversion stopped after 3 durable tensors (the progress record then fails, as a
+    killed process would stop) leaves no output; the rerun continues from tensor 3 and
+    writes the same file as an uninterrupted conversion; another dtype starts over."""
+    from megatron_apb.checkpoints import convert_checkpoint, writer
+
+    source, out = hf_cases[0]["path"], tmp_path / "out"
+    clean = convert_checkpoint(source, tmp_path / "clean")
+    record = writer._record_progress
+
+    def stop_after_three(path, header, done):
+        record(path, header, done)
+        if done == 3:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(writer, "_record_progress", stop_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        convert_checkpoint(source, out)
+    assert not out.exists() and (tmp_path / "out.partial").is_file()
+    monkeypatch.setattr(writer, "_record_progress", record)
+    said = []
+    convert_checkpoint(source, out, report=said.append)
+    assert any("after 3 of" in m for m in said), said
+    weights = writer.WEIGHTS_FILE
+    assert (out / weights).read_bytes() == (tmp_path / "clean" / weights).read_bytes()
+    assert sorted(os.listdir(tmp_path)) == ["clean", "out"]
+    # an interrupted fp32 write is not resumed by a bf16 conversion (another header)
+    monkeypatch.setattr(writer, "_record_progress", stop_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        convert_checkpoint(source, tmp_path / "b")
+    monkeypatch.setattr(writer, "_record_progress", record)
+    said = []
+    convert_checkpoint(source, tmp_path / "b", dtype=torch.bfloat16, report=said.append)
+    assert not any("resuming" in m for m in said)
+    _, state, _ = load_hf_checkpoint(tmp_path / "b")
+    _, want, _ = load_hf_checkpoint(clean)
+    assert all(torch.equal(state[k], want[k].bfloat16()) for k in want)
+
+
 def test_save_converted_round_trip(tmp_path, hf_cases):
     for case in hf_cases[:3]:
         spec, state, tokenizer = load_hf_checkpoint(case["path"])

@@ -3,10 +3,17 @@ file written as a converted directory (full Megatron state, :func:`~.io.save_con
 format) one tensor at a time, so that memory holds one tensor however large the model
 (:func:`write_safetensors` writes the header first, from the shapes, then each tensor's
 bytes as it is made).
+
+A conversion that is killed resumes: the weights are written into ``<out>.partial`` beside
+the output, with ``<out>.partial.json`` recording (after an fsync) how many tensors are
+complete; a rerun with the same source and dtype (the same safetensors header) continues
+after the last complete tensor.  The output directory itself still appears whole or not at
+all (:func:`~megatron_apb.atomic.atomic_directory`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -24,31 +31,76 @@ _NAMES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", to
 Entry = Tuple[str, Tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]
 
 
-def write_safetensors(path: str, entries: Iterable[Entry], metadata: Optional[dict] = None,
-                      progress: Optional[Progress] = None) -> int:
-    """Write a safetensors file of ``entries`` ``(name, shape, dtype, make)``: the header
-    from the shapes, then ``make()`` of each in turn (cast to ``dtype``), so that one tensor
-    is in memory at a time.  Returns the bytes written."""
-    entries = list(entries)
-    header, offset = {"__metadata__": dict(metadata or {})}, 0
+def _header(entries, metadata) -> Tuple[bytes, list]:
+    """The safetensors header of ``entries`` (8-byte length + padded JSON) and each
+    entry's data offset."""
+    header, offset, offsets = {"__metadata__": dict(metadata or {})}, 0, []
     for name, shape, dtype, _ in entries:
         n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
         header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offsets.append(offset)
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        for name, shape, dtype, make in entries:
+    return struct.pack("<Q", len(raw)) + raw, offsets + [offset]
+
+
+def write_safetensors(path: str, entries: Iterable[Entry], metadata: Optional[dict] = None,
+                      progress: Optional[Progress] = None, *, start: int = 0,
+                      on_tensor: Optional[Callable[[int], None]] = None) -> int:
+    """Write a safetensors file of ``entries`` ``(name, shape, dtype, make)``: the header
+    from the shapes, then ``make()`` of each in turn (cast to ``dtype``), so that one tensor
+    is in memory at a time.  Returns the bytes of tensor data.
+
+    ``start``: entries before it are already in the file (a resumed write: the file is
+    opened in place and written from entry ``start``'s offset); ``on_tensor(i)``: called
+    after entry ``i`` is written and synced to disk."""
+    entries = list(entries)
+    raw, offsets = _header(entries, metadata)
+    resume = start > 0 and os.path.isfile(path)
+    with open(path, "r+b" if resume else "wb") as f:
+        if not resume:
+            start = 0
+            f.write(raw)
+        f.seek(len(raw) + offsets[start])
+        for i in range(start, len(entries)):
+            name, shape, dtype, make = entries[i]
             t = make().to(dtype).contiguous()
             if tuple(t.shape) != tuple(shape):
                 raise ValueError(f"{name}: made {tuple(t.shape)}, the header says {tuple(shape)}")
             f.write(t.view(torch.uint8).numpy().data)
             if progress is not None:
                 progress.update(t.numel() * t.element_size())
+            if on_tensor is not None:
+                f.flush()
+                os.fsync(f.fileno())
+                on_tensor(i)
+        f.truncate(len(raw) + offsets[-1])
         f.flush()
         os.fsync(f.fileno())
-    return offset
+    return offsets[-1]
+
+
+def _resume_point(partial: str, record: str, header: bytes) -> int:
+    """Complete tensors of an earlier, interrupted write of the same header (0: none)."""
+    try:
+        with open(record, encoding="utf-8") as f:
+            state = json.load(f)
+        with open(partial, "rb") as f:
+            same = f.read(len(header)) == header
+    except (OSError, ValueError):
+        return 0
+    done = state.get("done", 0) if same and state.get("header_sha256") == hashlib.sha256(header).hexdigest() else 0
+    return done if isinstance(done, int) and done > 0 else 0
+
+
+def _record_progress(record: str, header: bytes, done: int) -> None:
+    tmp = record + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"header_sha256": hashlib.sha256(header).hexdigest(), "done": done}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, record)
 
 
 def convert_checkpoint(source, out_dir, *, dtype: Optional[torch.dtype] = None, report: Report = None,
@@ -57,8 +109,9 @@ def convert_checkpoint(source, out_dir, *, dtype: Optional[torch.dtype] = None, 
     converted-directory format at ``out_dir``, tensor by tensor.
 
     ``dtype`` casts the weights (default: as stored; GGUF gives float32).  The directory is
-    written whole or not at all (a conversion killed midway leaves nothing, or the earlier
-    converted checkpoint; run it again); one holding other files is refused.  The result
+    written whole or not at all (a conversion killed midway leaves the earlier converted
+    checkpoint, if any); one holding other files is refused.  Run it again after a kill:
+    it resumes after the last complete tensor (``<out_dir>.partial``, see the module).  The result
     loads as :func:`~.io.load_hf_checkpoint` of ``source`` would (bit-exact without
     ``dtype``).  Returns ``out_dir``.
     """
@@ -77,8 +130,17 @@ def convert_checkpoint(source, out_dir, *, dtype: Optional[torch.dtype] = None, 
     meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "weights": WEIGHTS_FILE, "spec": spec.to_dict()}
     tokenizer = ckpt.tokenizer()
     bar = Progress(len(entries), total, progress, label="converting", unit="written")
-    with reader, atomic_directory(out_dir, report=report) as tmp:
-        write_safetensors(os.path.join(tmp, WEIGHTS_FILE), entries, {"format": "pt", "names": "megatron"}, bar)
+    names = {"format": "pt", "names": "megatron"}
+    header, _ = _header(entries, names)
+    partial, record = out_dir.rstrip(os.sep) + ".partial", out_dir.rstrip(os.sep) + ".partial.json"
+    start = _resume_point(partial, record, header)
+    if start and report is not None:
+        report(f"resuming the conversion into {out_dir} after {start} of {len(entries)} tensors ({partial})")
+    with reader:
+        write_safetensors(partial, entries, names, bar, start=start,
+                          on_tensor=lambda i: _record_progress(record, header, i + 1))
+    with atomic_directory(out_dir, report=report) as tmp:
+        os.replace(partial, os.path.join(tmp, WEIGHTS_FILE))
         with open(os.path.join(tmp, MARKER_FILE), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
         if tokenizer is not None:
@@ -86,4 +148,6 @@ def convert_checkpoint(source, out_dir, *, dtype: Optional[torch.dtype] = None, 
         generation = os.path.join(os.fspath(source), "generation_config.json")
         if os.path.isfile(generation):  # its EOS ids end generation (eos_token_ids)
             shutil.copyfile(generation, os.path.join(tmp, "generation_config.json"))
+    if os.path.exists(record):
+        os.remove(record)
     return out_dir
