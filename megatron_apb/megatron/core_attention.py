@@ -163,7 +163,7 @@ class APBCoreAttention(MegatronModule):
         if ctx.kv_cache is not None:
             k_keep, v_keep = k[:, la:], v[:, la:]
             if ctx.kv_plan is not None:  # SnapKV: this block's share, scored by the document's window
-                k_keep, v_keep = compress_block_kv(q[:, la:], k_keep, v_keep, ctx.kv_plan, group=self.cp_group,
+                k_keep, v_keep = compress_block_kv(q[:, la:], k_keep, v_keep, ctx.kv_plan, group=cp_group,
                                                    softmax_scale=self.softmax_scale)
             ctx.kv_cache.store_prefill(self.layer_number, k_keep, v_keep)
 
