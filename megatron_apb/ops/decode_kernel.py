@@ -29,14 +29,7 @@ from typing import Optional, Tuple
 
 import torch
 
-try:  # Triton is an optional accelerator (CUDA, or its CPU interpreter in tests)
-    import triton
-    import triton.language as tl
-
-    HAVE_TRITON = True
-except Exception:  # pragma: no cover - depends on the installation
-    triton = tl = None
-    HAVE_TRITON = False
+from .triton_kernels import HAVE_TRITON, tl, triton  # the optional Triton
 
 Tensor = torch.Tensor
 

@@ -23,17 +23,9 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..triton_kernels import HAVE_TRITON, tl, triton  # the optional Triton
 from .index import SparseIndex
 from .reference import sparse_reference_attention
-
-try:  # Triton is an optional accelerator (CUDA, or its CPU interpreter in tests)
-    import triton
-    import triton.language as tl
-
-    HAVE_TRITON = True
-except Exception:  # pragma: no cover - depends on the installation
-    triton = tl = None
-    HAVE_TRITON = False
 
 Tensor = torch.Tensor
 _HEAD_DIMS = (16, 32, 64, 128, 256)
