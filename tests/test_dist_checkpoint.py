@@ -14,6 +14,7 @@ that fails while saving leaving the earlier checkpoint untouched.
 
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -132,6 +133,37 @@ def test_interrupted_convert_leaves_the_old_checkpoint(converted, tmp_path, monk
     with pytest.raises(RuntimeError, match="killed while saving"):
         dist_module.convert_to_dist(hf, target)
     assert sorted(str(p.relative_to(target)) for p in target.rglob("*")) == before
-    assert os.listdir(tmp_path) == ["dist"]
+    assert sorted(os.listdir(tmp_path)) == ["dist", "dist" + dist_module.PARTIAL_SUFFIX]  # kept to resume
     assert open_checkpoint(target).dist_dir == str(target / "release")
+    assert not torch.distributed.is_initialized()
+
+
+def test_killed_convert_resumes_the_fill(converted, tmp_path, monkeypatch):
+    """A conversion stopped after 3 parameters were filled (the fill record then fails, as a
+    killed process would stop) keeps its scratch files; the rerun reads only the others
+    and writes the same checkpoint as an uninterrupted conversion; the scratch files go."""
+    import megatron_apb.checkpoints.dist as dist_module
+
+    hf, out, _, _ = converted
+    record = dist_module._record_fill
+
+    def stop_after_three(scratch, key, filled):
+        record(scratch, key, filled)
+        if len(filled) == 3:
+            raise KeyboardInterrupt("killed")
+
+    target = tmp_path / "dist"
+    monkeypatch.setattr(dist_module, "_record_fill", stop_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        dist_module.convert_to_dist(hf, target)
+    assert not target.exists() and (tmp_path / ("dist" + dist_module.PARTIAL_SUFFIX)).is_dir()
+    monkeypatch.setattr(dist_module, "_record_fill", record)
+    said = []
+    dist_module.convert_to_dist(hf, target, report=said.append)
+    assert any("3 tensors already filled" in m for m in said), said
+    assert os.listdir(tmp_path) == ["dist"]
+    files = sorted(str(p.relative_to(target)) for p in target.rglob("*.distcp"))
+    assert files and files == sorted(str(p.relative_to(out)) for p in pathlib.Path(out).rglob("*.distcp"))
+    for name in files:
+        assert (target / name).read_bytes() == (pathlib.Path(out) / name).read_bytes(), name
     assert not torch.distributed.is_initialized()

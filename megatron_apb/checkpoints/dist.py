@@ -18,8 +18,11 @@ tensor by the streaming loader (:func:`~.stream.load_shard`), then saved by ``di
 Megatron-LM's ``--load`` looks up (``model``, ``checkpoint_version``, ``iteration``).
 The whole directory is written beside ``DIR`` and renamed into place
 (:func:`megatron_apb.atomic.atomic_directory`): a conversion killed midway leaves no
-directory that looks complete; running it again starts over (the unfinished one is
-removed then).
+directory that looks complete.  The scratch files live in ``DIR.partial-dist/`` with a
+record of the parameters already filled (``filled.json``, rewritten after each one), so a
+conversion killed while filling resumes when run again with the same source, model and
+dtype: the filled parameters are not read again (the scratch files are shared file
+mappings, whose written pages survive the process).
 
 :func:`load_dist` reads one into a model built at any TP (and CP): each rank reads only
 its shard (``dist_checkpointing.load`` of the model's ``sharded_state_dict``).  The
@@ -54,8 +57,10 @@ from .io import MARKER_FILE, check_output_directory, open_checkpoint
 from .sharding import RETAINING_KEY
 from .stream import check_sources, load_shard, model_tensors, source_names
 
-#: the scratch directory (inside the directory being written) backing the weights
-_SCRATCH = ".scratch"
+#: the scratch directory beside the output (``DIR`` + this) backing the weights, and its
+#: record of the parameters filled so far
+PARTIAL_SUFFIX = ".partial-dist"
+FILL_RECORD = "filled.json"
 
 @contextlib.contextmanager
 def _one_process_group():
@@ -123,6 +128,33 @@ def _views_to_files(sharded, directory: str) -> None:
     dict_list_map_inplace(own_file, sharded)
 
 
+def _fill_key(source, spec, dtype) -> str:
+    """What a resumed fill must match: the source, the model it builds and the dtype."""
+    return json.dumps([os.path.abspath(os.fspath(source)), spec.to_dict(), str(dtype)], sort_keys=True, default=str)
+
+
+def _filled(scratch: str, key: str) -> set:
+    """Parameters an earlier, interrupted conversion of the same ``key`` filled (else
+    the scratch directory is emptied and made anew)."""
+    try:
+        with open(os.path.join(scratch, FILL_RECORD), encoding="utf-8") as f:
+            record = json.load(f)
+        if record.get("key") == key:
+            return set(record.get("filled", []))
+    except (OSError, ValueError):
+        pass
+    shutil.rmtree(scratch, ignore_errors=True)
+    os.makedirs(scratch)
+    return set()
+
+
+def _record_fill(scratch: str, key: str, filled: set) -> None:
+    path = os.path.join(scratch, FILL_RECORD)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump({"key": key, "filled": sorted(filled)}, f)
+    os.replace(path + ".tmp", path)
+
+
 def _dp_cp_group(pg):
     """Megatron's data-parallel x context-parallel group: the CP group (our grids have DP 1)."""
     if pg is None or getattr(pg, "dp", None) is None or dist.get_world_size(pg.dp) != 1:
@@ -151,15 +183,23 @@ def convert_to_dist(source, out_dir, *, dtype: Optional[torch.dtype] = None, rep
     with _one_process_group(), reader, atomic_directory(out_dir, report=report) as tmp:
         init_cpu_megatron()
         pg = rank_grid_groups(1, dist.get_world_size())
-        scratch = os.path.join(tmp, _SCRATCH)
-        os.mkdir(scratch)
+        scratch = out_dir.rstrip(os.sep) + PARTIAL_SUFFIX
+        key = _fill_key(source, spec, dtype)
+        filled = _filled(scratch, key)
+        if filled:
+            say(f"resuming the conversion into {out_dir}: {len(filled)} tensors already filled ({scratch})")
         model = build_model(
             spec, APBConfig(mode="exact"), pg_collection=pg, tp_size=1, cp_size=dist.get_world_size(), dtype=dtype,
             config_overrides=dict(perform_initialization=False, use_cpu_initialization=True), parallel_output=False,
         ).to(dtype)
         _back_with_files(model, scratch)
+
+        def done(name):
+            filled.add(name)
+            _record_fill(scratch, key, filled)
+
         load_shard(model, reader, spec, 0, 1, megatron_names=ckpt.megatron_names, where=os.fspath(source),
-                   progress=progress, label="converting")
+                   progress=progress, label="converting", skip=filled, on_tensor=done)
         directory = os.path.join(tmp, RELEASE)
         os.mkdir(directory)
         say(f"saving the distributed checkpoint into {out_dir}/{RELEASE}")
@@ -169,7 +209,6 @@ def convert_to_dist(source, out_dir, *, dtype: Optional[torch.dtype] = None, rep
         with _host_only_cuda_sync():
             dist_checkpointing.save(state, directory)
         del state, model
-        shutil.rmtree(scratch)
         with open(os.path.join(tmp, TRACKER_FILE), "w", encoding="utf-8") as f:
             f.write(RELEASE)
         with open(os.path.join(tmp, MARKER_FILE), "w", encoding="utf-8") as f:
@@ -179,6 +218,7 @@ def convert_to_dist(source, out_dir, *, dtype: Optional[torch.dtype] = None, rep
         generation = os.path.join(os.fspath(source), "generation_config.json")
         if os.path.isfile(generation):
             shutil.copyfile(generation, os.path.join(tmp, "generation_config.json"))
+    shutil.rmtree(scratch, ignore_errors=True)  # the checkpoint is in place: the scratch files go
     return out_dir
 
 

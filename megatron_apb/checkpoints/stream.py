@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Collection, Dict, List, Optional, Tuple
 
 import torch
 
@@ -245,15 +245,18 @@ class Progress:
 
 def load_shard(model, reader: CheckpointReader, spec: ModelSpec, tp_rank: int, tp_size: int, *,
                megatron_names: bool = False, where: str = "the checkpoint", extra: Optional[Dict[str, Tensor]] = None,
-               progress: bool = False, label: str = "loading") -> Dict[str, int]:
+               progress: bool = False, label: str = "loading", skip: Collection[str] = (),
+               on_tensor: Optional[Callable[[str], None]] = None) -> Dict[str, int]:
     """Read this TP rank's shard of every tensor from ``reader`` straight into ``model``.
 
     ``model``: built for ``spec`` at ``tp_size`` (any dtype and device: each tensor is cast
     and moved by the copy into its parameter, one at a time).  ``extra``: already sharded
     tensors to copy as well (retaining heads).  Names and shapes of the checkpoint and of
     the model are checked before any tensor is read (:class:`CheckpointError` naming
-    them).  ``progress``: show ``label: 12/291 tensors, ...`` on stderr.  Returns
-    ``{"tensors": n, "bytes_read": bytes this rank read from the files}``.
+    them).  ``progress``: show ``label: 12/291 tensors, ...`` on stderr.  ``skip``: names
+    already in the model (a resumed fill: not read again); ``on_tensor(name)``: called after
+    each tensor is copied.  Returns ``{"tensors": n, "bytes_read": bytes this rank read
+    from the files}``.
     """
     resolve = check_sources(reader, spec, megatron_names, where)
     recipes = shard_recipes(spec, tp_rank, tp_size, megatron_names, resolve)
@@ -284,7 +287,10 @@ def load_shard(model, reader: CheckpointReader, spec: ModelSpec, tp_rank: int, t
     start = reader.bytes_read
     with torch.no_grad():
         for name, (read, _) in recipes.items():
-            target[name].copy_(read(reader))
+            if name not in skip:
+                target[name].copy_(read(reader))
+                if on_tensor is not None:
+                    on_tensor(name)
             bar.update(target[name].numel() * target[name].element_size())
         for name, tensor in extra.items():
             target[name].copy_(tensor)
