@@ -42,6 +42,7 @@ class APBTransformerLayer(TransformerLayer):
         flags = ("is_moe_layer", "recompute_mlp", "recompute_pre_mlp_layernorm", "offload_mlp_norm")
         if (any(getattr(self, name, False) for name in flags) or isinstance(self.mlp, IdentityOp)
                 or getattr(self.config, "inference_fuse_tp_communication", False)
+                or getattr(self.config, "fp32_residual_connection", False)
                 or not hasattr(self, "_forward_pre_mlp_layernorm") or not hasattr(self, "_forward_post_mlp")):
             return 0  # anything but a plain layer (of the Megatron-Core versions this was built on)
         core = getattr(self.self_attention, "core_attention", None)
@@ -69,13 +70,19 @@ class APBTransformerLayer(TransformerLayer):
                 out_with_bias, hidden_states, self.hidden_dropout)
         return hidden_states, kwargs.get("context")
 
-    def _forward_mlp(self, hidden_states, inference_context=None, padding_mask=None):
+    def _forward_mlp(self, hidden_states, inference_context=None, *args, **kwargs):
+        """In a chunked prefill the MLP (norm, projections, residual add) runs per chunk of rows;
+        otherwise Megatron's own, with whatever arguments its version passes (``padding_mask``,
+        and ``packed_seq_params`` from megatron-core 0.19)."""
         chunk = self._chunk(hidden_states, inference_context)
         if not chunk:
-            return super()._forward_mlp(hidden_states, inference_context, padding_mask=padding_mask)
+            return super()._forward_mlp(hidden_states, inference_context, *args, **kwargs)
         out = torch.empty_like(hidden_states)
         for start in range(0, hidden_states.shape[0], chunk):
             rows = hidden_states[start : start + chunk]
-            mlp_output_with_bias = self.mlp(self._forward_pre_mlp_layernorm(rows))
-            out[start : start + chunk] = self._forward_post_mlp(mlp_output_with_bias, rows)
+            normed = self._forward_pre_mlp_layernorm(rows)
+            residual = rows
+            if isinstance(normed, tuple):  # a norm fused with the residual returns both
+                normed, residual = normed
+            out[start : start + chunk] = self._forward_post_mlp(self.mlp(normed), residual)
         return out
