@@ -277,11 +277,13 @@ class APBConfig:
         """The registered distributed algorithm of ``mode`` (its traits and attention)."""
         return ALGORITHMS.get(self.mode)
 
-    def local_backend(self, layer_number: int, heads: int, num_layers: Optional[int] = None):
+    def local_backend(self, layer_number: int, heads: int, num_layers: Optional[int] = None,
+                      stats: Optional[list] = None):
         """The ``backend`` argument of layer ``layer_number``'s prefill attention calls
         (``heads`` query heads on this rank): ``backend`` itself, or with ``sparse`` the
-        sparse method's callable (see :mod:`megatron_apb.ops.sparse.backend`)."""
-        return SPARSE_METHODS.get(self.sparse_method).backend(self, layer_number, heads, num_layers)
+        sparse method's callable (see :mod:`megatron_apb.ops.sparse.backend`), recording
+        what each call computed into ``stats`` when given."""
+        return SPARSE_METHODS.get(self.sparse_method).backend(self, layer_number, heads, num_layers, stats=stats)
 
     @property
     def compressor_entry(self):

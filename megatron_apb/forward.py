@@ -71,6 +71,9 @@ class ForwardContext:
         cp_group: the context-parallel group of this prefill (None: the model's own);
             benchmarks pass a :class:`megatron_apb.comm.EmulatedGroup` to run one rank's
             share of a larger group alone, on a model built for one rank.
+        sparse_stats: a prefill whose sparse local attention records what each call
+            computed into this list (see :class:`megatron_apb.ops.sparse.SparseAttention`;
+            dense attention records nothing); None: no record.
     """
 
     phase: str = PREFILL
@@ -83,6 +86,7 @@ class ForwardContext:
     static: bool = False
     cp_group: Any = None
     kv_plan: Optional[Any] = None
+    sparse_stats: Optional[list] = None
     # the layout the first APB layer checked with the other ranks: (rows, layout)
     checked: Optional[Tuple[int, CPLayout]] = field(default=None, repr=False)
     # values derived once per forward and shared by its layers (e.g. the rotary rows of this

@@ -229,3 +229,33 @@ def batch_vs_one_by_one(rank, world, tp, cp, n_new, kwargs, device="cpu"):
         except APBConfigError as exc:
             errors.append(str(exc))
     return (together, together_stop), (alone, alone_stop), errors
+
+
+def sparse_attention_stats(rank, world, tp, cp, n_doc, topk, mode):
+    """``generate(attention_stats=True)`` with ``sparse='minference'`` (block-sparse,
+    ``topk`` blocks of 16 per query block, sparse from 0 keys): the tokens, the result's
+    ``attention`` dict, and this rank's own records (summed here with
+    :func:`summarize_stats`, for the test to compare the all-rank summary with)."""
+    _setup()
+    import os
+    import tempfile
+
+    from megatron_apb import APBConfig
+    from megatron_apb.inference import SamplingConfig
+    from megatron_apb.megatron import rank_grid_groups
+    from megatron_apb.ops.sparse import BlockSparse, SparsePlan
+
+    pg = rank_grid_groups(tp, cp)
+    doc, query = _prompt(n_doc, 4, seed=5)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, f"plan{rank}.json")
+        SparsePlan(default=BlockSparse(block=16, topk=topk)).save(path)
+        config = APBConfig(mode=mode, sparse="minference", sparse_config=path, sparse_dense_below=0,
+                           **({} if mode == "exact" else dict(anchor_len=8, passing_len=4, query_prefix_len=0)))
+        model = _model(config, tp, cp, pg)
+        engine = _engine(model, config, pg)
+        out = engine.generate(doc, query, SamplingConfig(max_new_tokens=4), attention_stats=True)
+        records = []
+        engine.prefill(doc, query, sparse_stats=records)
+        plain = engine.generate(doc, query, SamplingConfig(max_new_tokens=4))
+    return out.output_ids, out.attention, records, plain.attention, plain.output_ids

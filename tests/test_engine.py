@@ -8,7 +8,7 @@ engine.  Logit tolerance 1e-5 (fp32, see test_megatron_cp.py); tokens must be id
 import pytest
 
 from tests.distributed import run_distributed
-from tests.engine_workers import generate_vs_recompute
+from tests.engine_workers import generate_vs_recompute, sparse_attention_stats
 
 EXACT = ("exact", dict(mode="exact"))
 ULYSSES = ("ulysses", dict(mode="ulysses"))
@@ -98,3 +98,25 @@ def test_batch_generation_equals_one_by_one(tp, cp):
         assert len(alone[1][1]) == 3 and len(alone[1][0]) == 6  # the stop token ended it early
         assert [e.split(":")[0] for e in errors] == [
             "generate_batch needs at least one (document, query) prompt", "prompt 0", "prompt 0", "prompt 0"]
+
+
+@pytest.mark.parametrize("tp,cp,mode", [(1, 1, "exact"), (1, 2, "apb"), (2, 2, "apb")])
+def test_sparse_prefill_reports_the_attention_it_computed(tp, cp, mode):
+    """The density in ``GenerationResult.attention`` sums every rank's calls (every rank
+    returns the same); a budget covering every key gives density 1, one block per query
+    block less; without ``attention_stats`` nothing is recorded and the tokens are the same."""
+    from megatron_apb.ops.sparse import summarize_stats
+
+    for topk, full in ((100, True), (1, False)):
+        results = run_distributed(sparse_attention_stats, tp * cp, tp, cp, 90, topk, mode)
+        tokens, summary, _, plain_summary, plain_tokens = results[0]
+        assert all(r[0] == tokens and r[1] == summary for r in results), "ranks disagree"
+        assert plain_summary == {} and plain_tokens == tokens
+        assert summary["sparse_calls"] > 0
+        own = [summarize_stats(r[2]) for r in results]  # each rank's records of one prefill
+        assert sum(s["sparse_calls"] for s in own) == summary["sparse_calls"]
+        assert sum(s["dense_calls"] for s in own) == summary["dense_calls"]
+        if full:
+            assert summary["sparse_density"] == pytest.approx(1.0) and summary["attention_density"] == pytest.approx(1.0)
+        else:
+            assert 0 < summary["sparse_density"] < 0.9 and summary["sparse_density"] <= summary["attention_density"] < 1

@@ -225,6 +225,27 @@ def test_paired_differences_against_full_and_star():
     assert "| 4096 | 4 | apb-random | +0.0 ± 57.7 | +33.3 ± 66.7 |" in text
 
 
+def test_sparse_methods_are_compared_with_full_and_report_their_density():
+    recs = []
+    for i, (full, sparse, apb) in enumerate([(100, 100, 0), (100, 0, 100)]):
+        recs += [_record("full", 1, "vt", i, full, [i]),
+                 dict(_record("minference", 1, "vt", i, sparse, [i]), attention_density=0.2 + 0.1 * i,
+                      sparse_density=0.1 + 0.1 * i),
+                 dict(_record("apb-random+minference", 2, "vt", i, apb, [i]), attention_density=0.5,
+                      sparse_density=None)]
+    d = report.paired_differences(recs)
+    assert d[(4096, 1, "minference")]["full"][:2] == (-50.0, pytest.approx(50.0))
+    assert d[(4096, 2, "apb-random+minference")]["full"][0] == -50.0
+    density = report.attention_density(recs)
+    assert density[(4096, 1, "minference")] == (pytest.approx(0.25), pytest.approx(0.15), 2)
+    whole, sparse, n = density[(4096, 2, "apb-random+minference")]
+    assert (whole, n) == (0.5, 2) and sparse != sparse  # no sparse call: NaN
+    text = report.markdown_report(recs, common_only=False)
+    assert "| 4096 | 1 | minference | 0.250 | 0.150 | 2 |" in text
+    assert "| 4096 | 2 | apb-random+minference | 0.500 |  | 2 |" in text
+    assert "Attention computed" not in report.markdown_report([r for r in recs if r["method"] == "full"])
+
+
 @needs_material
 @needs_smollm2
 def test_token_budgets_with_the_smollm2_tokenizer():

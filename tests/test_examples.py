@@ -26,6 +26,7 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
 def _bash(script, *args, env=None, timeout=300):
     full_env = dict(os.environ)
     full_env.pop("CPU", None)
+    full_env["PYTHONFAULTHANDLER"] = "1"  # a process killed by a signal prints every thread's stack
     full_env.update(env or {})
     return subprocess.run(
         ["bash", os.path.join(EXAMPLES, script), *args], capture_output=True, text=True,
@@ -39,6 +40,8 @@ def tiny_env(tmp_path_factory):
 
 
 def _ok(proc):
+    if proc.returncode != 0:  # the whole output, in the report's captured-output section
+        print(f"exit status {proc.returncode}\n--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}")
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
 
 

@@ -285,3 +285,31 @@ def test_sparse_search_flags_are_checked_before_loading(tmp_path, capsys):
                         (["--block", "48"], "block"), (["--tp", "2"], "--tp")):
         assert main(["sparse-search", "--output", out, *flags]) == 2
         assert word in capsys.readouterr().err
+
+
+def test_backend_records_the_pairs_each_call_computed():
+    """``stats``: a dense call (non-causal, or below ``dense_below``) reads every pair it has;
+    a sparse call reads the index's share of the causal pairs (counted here from the mask);
+    :func:`summarize_stats` weighs calls by their pairs."""
+    from megatron_apb.ops.sparse import summarize_stats
+
+    q, k, v = _inputs(83, 83, seed=7)
+    scale = 1 / math.sqrt(16)
+    stats = []
+    sparse = SparseAttention(MIXED, dense_below=50, stats=stats)
+    attention_with_lse(q, k, v, causal=True, backend=sparse)
+    attention_with_lse(q[:, :40], k[:, :40], v[:, :40], causal=True, backend=sparse)  # short: dense
+    attention_with_lse(q[:, :10], k, v, causal=False, backend=sparse)  # unmasked: dense
+    mask = index_mask(build_index(q, k, MIXED, scale))
+    causal = int(causal_mask(83, 83).sum())
+    assert [(r["sparse"], r["pairs"]) for r in stats] == [(True, causal), (False, 40 * 41 // 2), (False, 830)]
+    assert stats[0]["read"] == pytest.approx(float(mask.float().sum()) / 4)  # per head, averaged
+    assert stats[1]["read"] == stats[1]["pairs"] and "index_s" not in stats[0]
+    summary = summarize_stats(stats)
+    assert summary["sparse_density"] == pytest.approx(stats[0]["read"] / causal)
+    assert summary["attention_density"] == pytest.approx((stats[0]["read"] + 820 + 830) / (causal + 820 + 830))
+    assert (summary["sparse_calls"], summary["dense_calls"]) == (1, 2)
+    assert summarize_stats([])["attention_density"] is None
+    timed = []
+    SparseAttention(MIXED, dense_below=50, stats=timed, timed=True)(q, k, v, causal=True)
+    assert timed[0]["index_s"] >= 0 and timed[0]["attention_s"] >= 0

@@ -11,6 +11,8 @@ from ..data import TASKS
 from ..errors import APBConfigError
 from .records import EVAL_FIELDS, read_records
 
+#: methods that compute full attention (every other one approximates it: star, apb-*, sparse ones)
+EXACT_METHODS = ("full", "exact", "ulysses")
 _METHOD_ORDER = ("full", "exact", "ulysses", "star", "apb-retaining_head", "apb-query_attention", "apb-random")
 
 
@@ -141,7 +143,8 @@ TASK_GROUPS = {"all tasks": None, "multi-key": ("niah_multikey_1", "niah_multike
 
 def paired_differences(records: Iterable[dict], tasks: Sequence[str] = None) -> Dict:
     """Score differences on the same samples: ``{(length, ranks, method): {"full": (mean,
-    se, n), "star": (mean, se, n)}}`` for every approximate method (``star`` and ``apb-*``),
+    se, n), "star": (mean, se, n)}}`` for every approximate method (any but
+    :data:`EXACT_METHODS`: ``star``, ``apb-*``, the sparse ones),
     against the single-process ``full`` run and against ``star`` at the same rank count.
 
     Each task's mean difference over the samples both answered, averaged over tasks with
@@ -154,7 +157,7 @@ def paired_differences(records: Iterable[dict], tasks: Sequence[str] = None) -> 
             by_key[(r["length"], 1 if r["method"] == "full" else r["ranks"], r["method"], r["task"], r["index"])] = r["score"]
     diffs = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for (length, ranks, method, task, index), score in by_key.items():
-        if method != "star" and not method.startswith("apb"):
+        if method in EXACT_METHODS:
             continue
         for base, base_key in (("full", (length, 1, "full")), ("star", (length, ranks, "star"))):
             other = by_key.get(base_key + (task, index))
@@ -184,10 +187,40 @@ def _differences_table(records) -> List[str]:
     return lines
 
 
+def attention_density(records: Iterable[dict]) -> Dict[Tuple[int, int, str], Tuple[float, float, int]]:
+    """For each (length, ranks, method) whose records carry the attention density of a
+    sparse prefill: (mean ``attention_density``, mean ``sparse_density``, records)."""
+    found = defaultdict(lambda: ([], []))
+    for r in records:
+        if r.get("attention_density") is not None:
+            whole, sparse = found[(r["length"], 1 if r["method"] == "full" else r["ranks"], r["method"])]
+            whole.append(r["attention_density"])
+            if r.get("sparse_density") is not None:
+                sparse.append(r["sparse_density"])
+    return {key: (sum(w) / len(w), sum(s) / len(s) if s else float("nan"), len(w))
+            for key, (w, s) in found.items()}
+
+
+def _density_table(records) -> List[str]:
+    density = attention_density(records)
+    if not density:
+        return []
+    lines = ["Attention computed by the sparse prefills (share of the query-key pairs dense attention "
+             "computes; mean over records):\n",
+             "| length | ranks | method | all attention calls | the calls that ran sparse | records |",
+             "| ---: | ---: | --- | ---: | ---: | ---: |"]
+    for (length, ranks, method), (whole, sparse, n) in sorted(density.items()):
+        lines.append(f"| {length} | {ranks} | {method} | {whole:.3f} | "
+                     f"{'' if sparse != sparse else f'{sparse:.3f}'} | {n} |")
+    lines.append("")
+    return lines
+
+
 def markdown_report(records: Sequence[dict], *, common_only: bool = True, notes: Sequence[str] = ()) -> str:
     """Markdown: one table per length (tasks x methods), the paired differences of the
-    approximate methods against full attention and Star (:func:`paired_differences`), then
-    exact-vs-full agreement.
+    approximate methods against full attention and Star (:func:`paired_differences`), the
+    attention density of sparse methods (:func:`attention_density`), then exact-vs-full
+    agreement.
 
     ``common_only``: score only the samples every column of a length answered (runs cut
     short by a time limit then still compare like with like).  Records of unknown tasks and
@@ -219,6 +252,7 @@ def markdown_report(records: Sequence[dict], *, common_only: bool = True, notes:
         lines.append("| **average** (± s.e.) | " + " | ".join(f"**{m:.1f}** ± {s:.1f}" for m, s in avg) + " |")
         lines.append("")
     lines += _differences_table(records)
+    lines += _density_table(records)
     agree = exact_agreement(all_records)
     if agree:
         lines.append("Exact context parallelism against the single-process run (same samples):\n")

@@ -120,7 +120,9 @@ def evaluate(
         for method in todo:
             config = _method_config(method, prompt, header_len_as_prefix)
             engine.config = config
-            result = engine.generate(prompt.document_ids, prompt.query_ids, sampling, local_decode=local_decode)
+            stats = dict(attention_stats=True) if config.sparse_method != "none" else {}  # density of sparse runs
+            result = engine.generate(prompt.document_ids, prompt.query_ids, sampling, local_decode=local_decode,
+                                     **stats)
             prediction = tokenizer.decode(result.output_ids, skip_special_tokens=True).strip()
             records.append(dict(
                 task=sample.task, length=sample.length, index=sample.index, method=method.name,
@@ -132,6 +134,9 @@ def evaluate(
                 prompt_tokens=len(prompt.document_ids) + len(prompt.query_ids),
                 anchor_len=result.layout.get("anchor_len"), passing_len=result.layout.get("passing_len"),
                 prefill_s=result.prefill_s, time_to_first_token_s=result.time_to_first_token_s,
+                sparse=config.sparse_method,
+                attention_density=result.attention.get("attention_density"),
+                sparse_density=result.attention.get("sparse_density"),
             ))
             if on_record is not None:
                 on_record(records[-1])

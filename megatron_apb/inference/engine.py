@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..adapter import ModelAdapter
-from ..comm import PeerWait, all_gather_async, broadcast, collective_device, group_rank, group_size
+from ..comm import PeerWait, all_gather_async, all_reduce, broadcast, collective_device, group_rank, group_size
 from ..config import APBConfig, APBConfigError
 from ..errors import NonFiniteError
 from ..forward import ForwardContext
@@ -49,6 +49,9 @@ class GenerationResult:
     decode_s: float
     decode_tokens: int
     layout: dict = field(default_factory=dict)
+    #: what the prefill's attention computed, over every rank (``generate(attention_stats=True)``
+    #: with a sparse method: :func:`~megatron_apb.ops.sparse.summarize_stats`'s fields); else empty
+    attention: dict = field(default_factory=dict)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -212,7 +215,8 @@ class APBEngine:
 
     # --------------------------------------------------------------- the work
     @torch.no_grad()
-    def prefill(self, document_ids, query_ids, *, local_only: bool = False, reserve: int = 256):
+    def prefill(self, document_ids, query_ids, *, local_only: bool = False, reserve: int = 256,
+                sparse_stats: Optional[list] = None):
         """Run the distributed prefill; returns (cache, layout, n_doc, seconds).
 
         With KV compression in the config (``kv_compress='snapkv'`` or a ``kv_budget``), every layer's cache keeps only the
@@ -222,7 +226,9 @@ class APBEngine:
         ``reserve``: phase-2 tokens (query + answer) the last rank's cache makes room for
         at once (decoding beyond it copies the cache to grow it; :class:`DecodeStep`
         refuses).  ``local_only`` (benchmarks only): collectives become local copies, to
-        time the prefill without communication; the cache is then wrong."""
+        time the prefill without communication; the cache is then wrong.  ``sparse_stats``:
+        a list that receives this rank's record of every sparse-backend attention call
+        (:attr:`ForwardContext.sparse_stats`)."""
         doc = torch.as_tensor(document_ids, dtype=torch.long).flatten()
         query = torch.as_tensor(query_ids, dtype=torch.long).flatten()
         if query.numel() == 0:
@@ -241,7 +247,7 @@ class APBEngine:
             _sync(self.device)
             start = time.perf_counter()
             context = ForwardContext.prefill(layout, kv_cache=cache, config=self.config, local_only=local_only,
-                                             kv_plan=plan)
+                                             kv_plan=plan, sparse_stats=sparse_stats)
             self._forward(tokens[self.cp_rank], context, table_len)
             _sync(self.device)
             self._barrier()
@@ -351,19 +357,25 @@ class APBEngine:
         return [int(t) for t in payload[3 : 3 + n].tolist()], float(payload[1]), float(payload[2])
 
     @torch.no_grad()
-    def generate(self, document_ids, query_ids, sampling: SamplingConfig, *, local_decode: bool = False) -> GenerationResult:
+    def generate(self, document_ids, query_ids, sampling: SamplingConfig, *, local_decode: bool = False,
+                 attention_stats: bool = False) -> GenerationResult:
         """Prefill the document, answer the query; every rank returns the same result.
 
         ``local_decode``: gather the caches on the last CP rank after the prefill
         (:meth:`gather_cache`) and run phase 2 there alone, while the other ranks wait for
         its tokens: the same answer (phase 2 is exact either way), with one collective per
         layer instead of one per layer and token, and one rank's GPU work instead of all.
+
+        ``attention_stats``: with a sparse method (``APBConfig.sparse``), the result's
+        ``attention`` says what the prefill's attention computed over all ranks (density;
+        one synchronization per sparse call and one small collective).
         """
         query = torch.as_tensor(query_ids, dtype=torch.long).flatten()
         n_doc = torch.as_tensor(document_ids).numel()
         self.check_positions(n_doc, query.numel(), sampling.max_new_tokens)
         room = query.numel() + sampling.max_new_tokens
-        cache, layout, n_doc, prefill_s = self.prefill(document_ids, query_ids, reserve=room)
+        stats = [] if attention_stats and self.config.sparse_method != "none" else None
+        cache, layout, n_doc, prefill_s = self.prefill(document_ids, query_ids, reserve=room, sparse_stats=stats)
         if local_decode and self.cp_size > 1:
             out, first_s, decode_s = self._decode_on_last_rank(cache, layout, query, n_doc, sampling)
         else:
@@ -377,7 +389,24 @@ class APBEngine:
             decode_s=decode_s,
             decode_tokens=len(out) - 1,
             layout=dict(layout.__dict__),
+            attention={} if stats is None else self._attention_summary(stats),
         )
+
+    def _attention_summary(self, stats) -> dict:
+        """:func:`summarize_stats` of every rank's records (summed over the CP and TP groups)."""
+        from ..ops.sparse import summarize_stats  # local: the sparse package loads Triton if present
+
+        sparse = [r for r in stats if r["sparse"]]
+        sums = torch.tensor([sum(r["pairs"] for r in stats), sum(r["read"] for r in stats),
+                             sum(r["pairs"] for r in sparse), sum(r["read"] for r in sparse),
+                             len(sparse), len(stats) - len(sparse)], dtype=torch.float64)
+        for group in (self.cp_group, self.tp_group):
+            if dist.is_initialized() and group_size(group) > 1:
+                sums = all_reduce(sums.to(collective_device(group, self.device)), group).cpu()
+        pairs, read, sparse_pairs, sparse_read, n_sparse, n_dense = sums.tolist()
+        return summarize_stats([dict(pairs=pairs - sparse_pairs, read=read - sparse_read, sparse=False),
+                                dict(pairs=sparse_pairs, read=sparse_read, sparse=True)]) | dict(
+            sparse_calls=int(n_sparse), dense_calls=int(n_dense))
 
     def _progress_hooks(self, what):
         if self.progress is None:

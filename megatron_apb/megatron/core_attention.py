@@ -178,7 +178,8 @@ class APBCoreAttention(MegatronModule):
         out = algorithm.attention(
             q, k, v, layout=layout, group=cp_group, scorer=scorer,
             softmax_scale=self.softmax_scale, local_only=ctx.local_only,
-            backend=cfg.local_backend(self.layer_number, self.num_heads, self.config.num_layers),
+            backend=cfg.local_backend(self.layer_number, self.num_heads, self.config.num_layers,
+                                      stats=ctx.sparse_stats),
         )
         return out.transpose(0, 1).reshape(seq, out.shape[0], -1)
 

@@ -10,7 +10,7 @@ the Triton kernel.  Pure attention math: no process groups.
   ``APBConfig.sparse``.
 """
 
-from .backend import SparseAttention
+from .backend import SparseAttention, summarize_stats
 from .index import SparseIndex, block_sparse_density, build_index, density, index_mask
 from .kernel import kernel_available, sparse_attention
 from .patterns import AShape, BlockSparse, SparsePlan, VerticalSlash, budget_pattern, load_plan, plan_from_dict
@@ -20,4 +20,5 @@ __all__ = [
     "AShape", "BlockSparse", "SparseAttention", "SparseIndex", "SparsePlan", "VerticalSlash",
     "block_sparse_density", "budget_pattern", "build_index", "density", "index_mask",
     "kernel_available", "load_plan", "plan_from_dict", "sparse_attention", "sparse_reference_attention",
+    "summarize_stats",
 ]

@@ -28,7 +28,7 @@ import torch
 from ...errors import APBConfigError
 from ...registry import SPARSE_METHODS
 from ..attention import attention_with_lse
-from .index import build_index, density
+from .index import build_index, causal_pairs, density
 from .kernel import sparse_attention
 from .patterns import KINDS, Pattern, SparsePlan, budget_pattern, load_plan, patterns_per_head
 
@@ -43,12 +43,17 @@ class SparseAttention:
         dense_below: calls with fewer keys run dense (default: the patterns' own
             ``dense_below``, the largest of them).
         dense_backend: the ``attention_with_lse`` backend of the dense calls.
-        stats: if given, a list that receives one dict per sparse call (density, index
-            and attention seconds; timing synchronizes the device: benchmarks only).
+        stats: if given, a list that receives one dict per call: ``pairs`` (the query-key
+            pairs dense attention computes: the causal ones of a causal call), ``read``
+            (those the call computed), ``sparse`` (whether it ran sparse) and, for sparse
+            calls, ``density`` (``read / pairs``); reading the index's counts synchronizes
+            the device once per sparse call.
+        timed: also record ``index_s`` and ``attention_s`` of sparse calls (synchronizes
+            around each: benchmarks only).
     """
 
     def __init__(self, patterns: Union[Pattern, Sequence[Pattern]], *, dense_below: Optional[int] = None,
-                 dense_backend: str = "auto", stats: Optional[list] = None):
+                 dense_backend: str = "auto", stats: Optional[list] = None, timed: bool = False):
         self.patterns = patterns
         blocks = {p.block for p in ((patterns,) if not isinstance(patterns, (tuple, list)) else patterns)}
         if len(blocks) != 1:
@@ -57,13 +62,16 @@ class SparseAttention:
         if dense_below is None:
             ps = (patterns,) if not isinstance(patterns, (tuple, list)) else patterns
             dense_below = max(p.dense_below for p in ps)
-        self.dense_below, self.dense_backend, self.stats = dense_below, dense_backend, stats
+        self.dense_below, self.dense_backend, self.stats, self.timed = dense_below, dense_backend, stats, timed
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool,
                  softmax_scale: Optional[float] = None, backend: Optional[str] = None):
         sq, sk = q.shape[1], k.shape[1]
         scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
         if not causal or sk < self.dense_below or sq > sk or sq == 0 or q.shape[0] == 0:
+            if self.stats is not None:
+                pairs = causal_pairs(sq, sk) if causal else sq * sk
+                self.stats.append(dict(q_len=sq, k_len=sk, pairs=pairs, read=pairs, sparse=False))
             return attention_with_lse(q, k, v, causal=causal, softmax_scale=scale,
                                       backend=backend or self.dense_backend)
         patterns = patterns_per_head(self.patterns, q.shape[2])
@@ -71,10 +79,7 @@ class SparseAttention:
             p.check_length(sk)
         if self.stats is None:
             return sparse_attention(q, k, v, build_index(q, k, patterns, scale), scale)
-        return self._timed(q, k, v, patterns, scale)
-
-    def _timed(self, q, k, v, patterns, scale):
-        sync = torch.cuda.synchronize if q.is_cuda else (lambda: None)
+        sync = torch.cuda.synchronize if (self.timed and q.is_cuda) else (lambda: None)
         sync()
         t0 = time.perf_counter()
         index = build_index(q, k, patterns, scale)
@@ -83,9 +88,28 @@ class SparseAttention:
         out = sparse_attention(q, k, v, index, scale)
         sync()
         t2 = time.perf_counter()
-        self.stats.append(dict(q_len=q.shape[1], k_len=k.shape[1], density=density(index),
-                               index_s=t1 - t0, attention_s=t2 - t1))
+        pairs, share = causal_pairs(sq, sk), density(index)
+        record = dict(q_len=sq, k_len=sk, pairs=pairs, read=share * pairs, sparse=True, density=share)
+        if self.timed:
+            record.update(index_s=t1 - t0, attention_s=t2 - t1)
+        self.stats.append(record)
         return out
+
+
+def summarize_stats(stats: Sequence[dict]) -> dict:
+    """The attention one forward computed, from :class:`SparseAttention`'s ``stats``:
+    ``attention_density`` (pairs computed / pairs dense attention computes, over every call),
+    ``sparse_density`` (the same over the calls that ran sparse; None without one) and the
+    call counts."""
+    pairs = sum(r["pairs"] for r in stats)
+    read = sum(r["read"] for r in stats)
+    sparse = [r for r in stats if r["sparse"]]
+    sparse_pairs = sum(r["pairs"] for r in sparse)
+    return dict(
+        attention_density=read / pairs if pairs else None,
+        sparse_density=sum(r["read"] for r in sparse) / sparse_pairs if sparse_pairs else None,
+        sparse_calls=len(sparse), dense_calls=len(stats) - len(sparse),
+    )
 
 
 @dataclass(frozen=True)
@@ -93,8 +117,9 @@ class SparseMethod:
     """A registered choice of ``APBConfig.sparse``.
 
     ``check(config)`` validates the sparse settings (before any heavy work);
-    ``backend(config, layer_number, heads, num_layers)`` gives the ``backend`` argument of the attention
-    calls of that layer: ``config.backend`` itself, or a :class:`SparseAttention`.
+    ``backend(config, layer_number, heads, num_layers, stats=None)`` gives the ``backend`` argument of
+    the attention calls of that layer: ``config.backend`` itself, or a :class:`SparseAttention`
+    (recording its calls into ``stats`` when given).
     """
 
     name: str
@@ -128,15 +153,16 @@ def _check_minference(config):
     _plan(config)
 
 
-def _minference_backend(config, layer_number: int, heads: int, num_layers=None):
+def _minference_backend(config, layer_number: int, heads: int, num_layers=None, stats=None):
     plan = _plan(config)
     plan.check_model(num_layers=num_layers, num_heads=heads)
     patterns = plan.for_layer(layer_number, heads)
-    return SparseAttention(patterns, dense_below=config.sparse_dense_below, dense_backend=config.backend)
+    return SparseAttention(patterns, dense_below=config.sparse_dense_below, dense_backend=config.backend,
+                           stats=stats)
 
 
 SPARSE_METHODS.register(SparseMethod(
-    name="none", check=_check_none, backend=lambda config, layer_number, heads, num_layers=None: config.backend,
+    name="none", check=_check_none, backend=lambda config, layer_number, heads, num_layers=None, stats=None: config.backend,
     description="dense attention"))
 SPARSE_METHODS.register(SparseMethod(
     name="minference", check=_check_minference, backend=_minference_backend,

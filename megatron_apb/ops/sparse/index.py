@@ -340,13 +340,14 @@ def density(index: SparseIndex) -> float:
         return 0.0
     m = index_mask(index) if sq * sk <= (1 << 22) else None
     if m is not None:
-        return float(m.float().sum() / (m.shape[0] * m.shape[1] * _causal_pairs(sq, sk)))
+        return float(m.float().sum() / (m.shape[0] * m.shape[1] * causal_pairs(sq, sk)))
     # long sequences: blocks x block (the causal clipping of diagonal blocks ignored)
     keys = index.block_cnt.double().sum() * B * B + index.col_cnt.double().sum() * B
-    return float(keys / (index.block_cnt.shape[0] * index.block_cnt.shape[1] * _causal_pairs(sq, sk)))
+    return float(keys / (index.block_cnt.shape[0] * index.block_cnt.shape[1] * causal_pairs(sq, sk)))
 
 
-def _causal_pairs(sq: int, sk: int) -> int:
+def causal_pairs(sq: int, sk: int) -> int:
+    """Query-key pairs of causal attention of the last ``sq`` of ``sk`` positions."""
     off = sk - sq
     return sq * off + sq * (sq + 1) // 2
 
@@ -356,6 +357,6 @@ def block_sparse_density(q_len: int, topk: int, block: int = 64) -> float:
     ``min(topk, visible blocks)`` blocks (independent of the data); diagonal clipping ignored."""
     nqb = -(-q_len // block)
     blocks = sum(min(topk, m + 1) for m in range(nqb))
-    return min(1.0, blocks * block * block / _causal_pairs(q_len, q_len))
+    return min(1.0, blocks * block * block / causal_pairs(q_len, q_len))
 
 
