@@ -275,14 +275,36 @@ def test_pattern_search_scores_and_choice():
         assert rows[h]["kind"] == p.kind
     cheapest, _ = choose_patterns(cands, recall, dens, max_density=1e-6)
     assert all(float(dens[cands.index(p), h]) == float(dens[:, h].min()) for h, p in enumerate(cheapest))
+    # a measured cost per candidate replaces density as the budget's measure
+    cost = torch.tensor([0.3, 0.9, 0.2, 1.0])
+    timed, trows = choose_patterns(cands, recall, dens, 1.0, cost=cost, max_cost=0.5)
+    for h, p in enumerate(timed):
+        c = cands.index(p)
+        assert c in (0, 2) and recall[c, h] >= recall[2 - c, h] and trows[h]["time"] == float(cost[c])
+    assert set(choose_patterns(cands, recall, dens, 1.0, cost=cost, max_cost=0.1)[0]) == {cands[2]}
+    with pytest.raises(ValueError):
+        choose_patterns(cands, recall, dens, 1.0, cost=cost)
+
+
+def test_time_patterns_measures_every_candidate_against_dense():
+    """One positive cost per candidate, 1 for one longer than the sequence (it runs dense)."""
+    from megatron_apb.ops.sparse.search import time_patterns
+
+    q, k, v = _inputs(70, 70, seed=8)
+    cands = [PATTERNS["block"], PATTERNS["ashape"], AShape(block=B, sink=2, window=500)]
+    cost, dense_s = time_patterns(q, k, v, cands, runs=1)
+    assert cost.shape == (3,) and dense_s > 0 and bool((cost[:2] > 0).all()) and float(cost[2]) == 1.0
 
 
 def test_sparse_search_flags_are_checked_before_loading(tmp_path, capsys):
     from megatron_apb.cli import main
 
     out = str(tmp_path / "plan.json")
-    for flags, word in ((["--max-density", "0"], "--max-density"), (["--budgets", "0"], "--budgets"),
-                        (["--block", "48"], "block"), (["--tp", "2"], "--tp")):
+    flags_words = [(["--max-density", "0"], "--max-density"), (["--budgets", "0"], "--budgets"),
+                   (["--block", "48"], "block"), (["--tp", "2"], "--tp"), (["--max-time", "0"], "--max-time")]
+    if not torch.cuda.is_available():  # the kernel's time cannot be measured here
+        flags_words.append((["--cost", "time"], "--cost density"))
+    for flags, word in flags_words:
         assert main(["sparse-search", "--output", out, *flags]) == 2
         assert word in capsys.readouterr().err
 

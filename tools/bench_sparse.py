@@ -21,19 +21,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def bench(fn, iters):
-    """Mean seconds per call (CUDA events) after one warm-up call."""
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters / 1e3
+sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
+from bench_attention import bench  # noqa: E402  (tools/: median of timed runs, CUDA events)
 
 
 def settings(a):

@@ -3,9 +3,11 @@
 One dense prefill of a calibration prompt (a pass-key prompt of ``--length`` tokens) runs on
 one process; each layer's causal attention call hands its post-RoPE q and k to
 :func:`megatron_apb.ops.sparse.search.score_patterns` (recall and density of every candidate
-pattern per head) before computing the dense result, and
+pattern per head) and, with ``--cost time`` (the default on a GPU with Triton), the measured
+time of each candidate's index estimation and kernel relative to dense attention
+(:func:`~megatron_apb.ops.sparse.search.time_patterns`) before computing the dense result;
 :func:`~megatron_apb.ops.sparse.search.choose_patterns` keeps per head the candidate with the
-most attention mass within ``--max-density``.  The plan is written as the JSON that
+most attention mass within ``--max-time`` (or, with ``--cost density``, ``--max-density``).  The plan is written as the JSON that
 ``--sparse minference --sparse-config PATH`` reads
 (:class:`megatron_apb.ops.sparse.SparsePlan`).
 
@@ -19,6 +21,7 @@ import json
 import os
 import time
 
+import torch
 import torch.distributed as dist
 
 from ..config import APBConfig
@@ -27,7 +30,8 @@ from ..errors import APBConfigError
 from ..ops.attention import attention_with_lse
 from ..ops.sparse.backend import SparseMethod
 from ..ops.sparse.patterns import SparsePlan, budget_pattern
-from ..ops.sparse.search import choose_patterns, default_candidates, score_patterns
+from ..ops.sparse.kernel import HAVE_TRITON
+from ..ops.sparse.search import choose_patterns, default_candidates, score_patterns, time_patterns
 from ..registry import SPARSE_METHODS
 from .launch import add_runtime_args, check_model_path, check_output_path, init_runtime, load_model, load_tokenizer
 
@@ -44,7 +48,12 @@ class _Recorder:
         if causal and q.shape[1] == k.shape[1] and q.shape[1] > 0:
             cands = default_candidates(self.args.budgets, block=self.args.block)
             recall, density = score_patterns(q[:1], k[:1], cands, softmax_scale)
-            self.results[self.layer] = choose_patterns(cands, recall, density, self.args.max_density)
+            if self.args.cost == "time":
+                cost, _ = time_patterns(q[:1], k[:1], v[:1], cands, softmax_scale, dense_backend=self.dense_backend)
+                self.results[self.layer] = choose_patterns(cands, recall, density, self.args.max_density,
+                                                           cost=cost, max_cost=self.args.max_time)
+            else:
+                self.results[self.layer] = choose_patterns(cands, recall, density, self.args.max_density)
             kinds = [p.kind for p in self.results[self.layer][0]]
             print(f"layer {self.layer}: " + ", ".join(f"{kinds.count(k)} {k}" for k in sorted(set(kinds))),
                   flush=True)
@@ -83,6 +92,8 @@ def run_search(args) -> int:
     summary = dict(tokens=len(prompt.document_ids) + len(prompt.query_ids), heads_by_kind=kinds,
                    mean_recall=sum(r["recall"] for r in rows) / max(1, len(rows)),
                    mean_density=sum(r["density"] for r in rows) / max(1, len(rows)),
+                   cost=args.cost, **({"mean_time": sum(r["time"] for r in rows) / max(1, len(rows))}
+                                      if args.cost == "time" else {}),
                    seconds=time.perf_counter() - start)
     print(json.dumps(summary), flush=True)
     if args.report:
@@ -106,6 +117,15 @@ def _validate(args) -> None:
         raise APBConfigError(f"--budgets must be >= 1 key per row, got {args.budgets}", field="budgets")
     if not 0 < args.max_density <= 1:
         raise APBConfigError(f"--max-density must lie in (0, 1], got {args.max_density}", field="max_density")
+    if not 0 < args.max_time:
+        raise APBConfigError(f"--max-time must be > 0 (a fraction of dense attention's time), got {args.max_time}",
+                             field="max_time")
+    gpu_kernel = torch.cuda.is_available() and HAVE_TRITON
+    if args.cost == "auto":
+        args.cost = "time" if gpu_kernel else "density"
+    elif args.cost == "time" and not gpu_kernel:
+        raise APBConfigError("--cost time measures the Triton kernel and needs a GPU with Triton; "
+                             "use --cost density here", field="cost")
     budget_pattern("block_sparse", 1, block=args.block)  # the block size
 
 
@@ -116,7 +136,14 @@ def add_sparse_search_parser(sub) -> None:
     p.add_argument("--model", help="HF directory, .gguf file or converted checkpoint (default: embedded SmolLM2)")
     p.add_argument("--length", type=int, default=4096, help="calibration prompt tokens")
     p.add_argument("--budgets", type=int, nargs="+", default=[256, 512, 1024], help="keys per query row tried")
-    p.add_argument("--max-density", type=float, default=0.25, help="FLOP budget: keys read / dense causal keys")
+    p.add_argument("--cost", choices=("auto", "time", "density"), default="auto",
+                   help="what the budget limits: time (each candidate's index estimation + kernel, measured, over "
+                        "dense attention's; needs a GPU with Triton), density (keys read); auto: time where it "
+                        "can be measured")
+    p.add_argument("--max-time", type=float, default=0.25,
+                   help="time budget (--cost time): sparse seconds / dense attention seconds of the same call")
+    p.add_argument("--max-density", type=float, default=0.25,
+                   help="FLOP budget (--cost density): keys read / dense causal keys")
     p.add_argument("--block", type=int, default=64, help="block size of the patterns")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", required=True, help="the pattern file (JSON) to write")
