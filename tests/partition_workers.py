@@ -83,4 +83,33 @@ def unequal_blocks(rank, world, n_doc, n_new):
         tokens[name + "/local"] = engine.generate(doc, query, sampling, local_decode=True).output_ids
     out["tokens"] = tokens
     out["step"] = (steps[0] - steps[1]).abs().max().item()
+    out["snapkv"] = snapkv_after_balanced_prefill(pg, cost, doc, query, n_new)
+    return out
+
+
+def snapkv_after_balanced_prefill(pg, cost, doc, query, n_new):
+    """SnapKV on balanced blocks (exact and APB): for a budget covering the document and a
+    small one, the blocks, this rank's cache rows per layer, its share of the plan made
+    from the unequal blocks, and the tokens of distributed and local phase 2."""
+    from megatron_apb import APBConfig
+    from megatron_apb.inference import APBEngine, SamplingConfig
+    from megatron_apb.inference.engine import kv_plan
+
+    world, rank = pg.cp.size(), pg.cp.rank()
+    sampling = SamplingConfig(max_new_tokens=n_new)
+    out = {}
+    for name, kwargs in (("exact", dict(mode="exact")),
+                         ("apb", dict(mode="apb", anchor_len=6, passing_len=3, query_prefix_len=2))):
+        for budget in (len(doc) + 50, 12):
+            config = APBConfig(partition="balanced", kv_compress="snapkv", kv_budget=budget, kv_window=4, **kwargs)
+            engine = APBEngine(_model(config, 1, world, pg), config, cp_group=pg.cp, tp_group=pg.tp,
+                               vocab_size=VOCAB, cost_model=cost)
+            cache, layout, n, _ = engine.prefill(doc, query, reserve=len(query) + n_new)
+            lens = [layout.block_len_on(r) for r in range(world)]
+            plan = kv_plan(config, n, lens, world)
+            out[(name, budget)] = dict(
+                blocks=lens, rows=[cache.get(layer)[0].shape[1] for layer in cache.layers()],
+                share=plan.kept[rank], total=sum(plan.kept),
+                tokens=engine.generate(doc, query, sampling).output_ids,
+                local=engine.generate(doc, query, sampling, local_decode=True).output_ids)
     return out

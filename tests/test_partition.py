@@ -175,6 +175,18 @@ def test_balanced_blocks_on_three_ranks_match_single_process_references():
         tokens = res["tokens"]
         assert tokens["exact/balanced"] == tokens["exact/equal"] == tokens["exact/balanced/local"], tokens
         assert tokens["apb/balanced"] == tokens["apb/balanced/local"] == results[0]["tokens"]["apb/balanced"]
+    # SnapKV after a balanced prefill: the plan follows the unequal blocks
+    n_doc = 40
+    for rank, res in enumerate(results):
+        for (name, budget), snap in res["snapkv"].items():
+            assert len(set(snap["blocks"])) > 1, (name, snap["blocks"])  # really unequal
+            assert snap["rows"] == [snap["share"]] * len(snap["rows"]), (name, budget, snap)
+            assert snap["total"] == min(budget, n_doc)
+            assert snap["local"] == snap["tokens"] == results[0]["snapkv"][(name, budget)]["tokens"]
+        # a budget covering the document keeps it all: exact SnapKV answers as no compression
+        assert res["snapkv"][("exact", n_doc + 50)]["tokens"] == res["tokens"]["exact/equal"]
+        assert res["snapkv"][("apb", n_doc + 50)]["tokens"] == res["tokens"]["apb/balanced"]
+        assert sum(r["snapkv"][("exact", 12)]["share"] for r in results) == 12
     # APB and Star must differ from exact attention somewhere, or agreeing shows nothing
     for name in ("apb", "star"):
         assert max(res[name + ":vs_full"] for res in results) > 1e-3, name
