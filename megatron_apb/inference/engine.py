@@ -11,6 +11,10 @@ spec, or a Hugging Face model with APB attention).  Each forward gets its own
 2. **phase 2** — the query tokens, then each generated token, run on every rank; attention
    merges all ranks' caches exactly by LSE; only the last rank caches the new K/V;
 3. **sampling** on one rank, broadcast to all.
+
+The module runs above 400 lines because it is one class, :class:`APBEngine`, whose prefill,
+cache gathering, phase-2 paths and per-prefill reports share its groups and model; batches
+(:mod:`.batch`) and the decode step (:mod:`.decode`) live beside it.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from ..layout import shard_document
 from ..partition import CostModel
 from ..megatron.adapter import MegatronAdapter
 from ..ops.snapkv import SnapKVPlan
+from ..ops.sparse.backend import stats_sums, summary_from_sums
 from .batch import generate_batch
 from .cache import CPKVCache
 from .decode import NONFINITE_LOGITS, DecodeStep, graphs_possible
@@ -393,20 +398,12 @@ class APBEngine:
         )
 
     def _attention_summary(self, stats) -> dict:
-        """:func:`summarize_stats` of every rank's records (summed over the CP and TP groups)."""
-        from ..ops.sparse import summarize_stats  # local: the sparse package loads Triton if present
-
-        sparse = [r for r in stats if r["sparse"]]
-        sums = torch.tensor([sum(r["pairs"] for r in stats), sum(r["read"] for r in stats),
-                             sum(r["pairs"] for r in sparse), sum(r["read"] for r in sparse),
-                             len(sparse), len(stats) - len(sparse)], dtype=torch.float64)
+        """:func:`~megatron_apb.ops.sparse.summarize_stats` of every rank's records."""
+        sums = torch.tensor(stats_sums(stats), dtype=torch.float64)
         for group in (self.cp_group, self.tp_group):
             if dist.is_initialized() and group_size(group) > 1:
                 sums = all_reduce(sums.to(collective_device(group, self.device)), group).cpu()
-        pairs, read, sparse_pairs, sparse_read, n_sparse, n_dense = sums.tolist()
-        return summarize_stats([dict(pairs=pairs - sparse_pairs, read=read - sparse_read, sparse=False),
-                                dict(pairs=sparse_pairs, read=sparse_read, sparse=True)]) | dict(
-            sparse_calls=int(n_sparse), dense_calls=int(n_dense))
+        return summary_from_sums(sums.tolist())
 
     def _progress_hooks(self, what):
         if self.progress is None:

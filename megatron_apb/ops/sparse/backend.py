@@ -21,7 +21,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -96,20 +96,29 @@ class SparseAttention:
         return out
 
 
+def stats_sums(stats: Sequence[dict]) -> Tuple[float, ...]:
+    """The sums :func:`summarize_stats` needs (pairs and pairs read, of all calls and of the
+    sparse ones; the sparse and dense call counts): add them over ranks, then
+    :func:`summary_from_sums`."""
+    sparse = [r for r in stats if r["sparse"]]
+    return (sum(r["pairs"] for r in stats), sum(r["read"] for r in stats), sum(r["pairs"] for r in sparse),
+            sum(r["read"] for r in sparse), len(sparse), len(stats) - len(sparse))
+
+
+def summary_from_sums(sums: Sequence[float]) -> dict:
+    """:func:`summarize_stats` from :func:`stats_sums` (of one rank, or added over ranks)."""
+    pairs, read, sparse_pairs, sparse_read, n_sparse, n_dense = sums
+    return dict(attention_density=read / pairs if pairs else None,
+                sparse_density=sparse_read / sparse_pairs if sparse_pairs else None,
+                sparse_calls=int(n_sparse), dense_calls=int(n_dense))
+
+
 def summarize_stats(stats: Sequence[dict]) -> dict:
     """The attention one forward computed, from :class:`SparseAttention`'s ``stats``:
     ``attention_density`` (pairs computed / pairs dense attention computes, over every call),
     ``sparse_density`` (the same over the calls that ran sparse; None without one) and the
     call counts."""
-    pairs = sum(r["pairs"] for r in stats)
-    read = sum(r["read"] for r in stats)
-    sparse = [r for r in stats if r["sparse"]]
-    sparse_pairs = sum(r["pairs"] for r in sparse)
-    return dict(
-        attention_density=read / pairs if pairs else None,
-        sparse_density=sum(r["read"] for r in sparse) / sparse_pairs if sparse_pairs else None,
-        sparse_calls=len(sparse), dense_calls=len(stats) - len(sparse),
-    )
+    return summary_from_sums(stats_sums(stats))
 
 
 @dataclass(frozen=True)
