@@ -155,6 +155,10 @@ def test_methods_per_rank_count():
     assert methods[1].config.anchor_len is None and methods[2].config.anchor_len == 64
     sparse = base.replace(sparse="minference")  # sparse local attention: the names say so
     assert [m.name for m in eval_methods(sparse, ["exact"], [], 1)] == ["minference"]
+    balanced = base.replace(partition="balanced")  # ulysses keeps equal blocks: its name stays
+    assert [m.name for m in eval_methods(balanced, ["exact", "ulysses", "apb"], ["random"], 2)] == [
+        "exact+balanced", "ulysses", "apb-random+balanced"]
+    assert [m.name for m in eval_methods(balanced, ["exact"], [], 1)] == ["full"]
     assert [m.name for m in eval_methods(sparse, ["star", "apb"], ["random"], 2)] == ["star+minference",
                                                                                     "apb-random+minference"]
     with pytest.raises(ValueError, match="unknown compressor"):
@@ -244,6 +248,8 @@ def test_sparse_methods_are_compared_with_full_and_report_their_density():
     assert "| 4096 | 1 | minference | 0.250 | 0.150 | 2 |" in text
     assert "| 4096 | 2 | apb-random+minference | 0.500 |  | 2 |" in text
     assert "Attention computed" not in report.markdown_report([r for r in recs if r["method"] == "full"])
+    assert report.is_exact("exact+balanced") and not report.is_exact("exact+minference")
+    assert not report.is_exact("apb-random+balanced") and report.is_exact("ulysses")
 
 
 @needs_material

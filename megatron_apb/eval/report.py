@@ -13,6 +13,13 @@ from .records import EVAL_FIELDS, read_records
 
 #: methods that compute full attention (every other one approximates it: star, apb-*, sparse ones)
 EXACT_METHODS = ("full", "exact", "ulysses")
+def is_exact(method: str) -> bool:
+    """Whether a method's name says it computes full attention: one of :data:`EXACT_METHODS`,
+    with any partition suffix (``exact+balanced``) but no sparse one (``exact+minference``)."""
+    base, *suffixes = method.split("+")
+    return base in EXACT_METHODS and all(s in ("equal", "balanced") for s in suffixes)
+
+
 _METHOD_ORDER = ("full", "exact", "ulysses", "star", "apb-retaining_head", "apb-query_attention", "apb-random")
 
 
@@ -123,7 +130,7 @@ def exact_agreement(records: Iterable[dict]) -> Dict[Tuple[int, int, str], Tuple
     full = {(r["length"], r["task"], r["index"]): r for r in records if r["method"] == "full"}
     out: Dict = defaultdict(lambda: [0, 0, 0])
     for r in records:
-        if r["method"] in ("exact", "ulysses") and (r["length"], r["task"], r["index"]) in full:
+        if r["method"] != "full" and is_exact(r["method"]) and (r["length"], r["task"], r["index"]) in full:
             ref = full[(r["length"], r["task"], r["index"])]
             c = out[(r["length"], r["ranks"], r["method"])]
             c[0] += 1
@@ -157,7 +164,7 @@ def paired_differences(records: Iterable[dict], tasks: Sequence[str] = None) -> 
             by_key[(r["length"], 1 if r["method"] == "full" else r["ranks"], r["method"], r["task"], r["index"])] = r["score"]
     diffs = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for (length, ranks, method, task, index), score in by_key.items():
-        if method in EXACT_METHODS:
+        if is_exact(method):
             continue
         for base, base_key in (("full", (length, 1, "full")), ("star", (length, ranks, "star"))):
             other = by_key.get(base_key + (task, index))

@@ -4,7 +4,8 @@ A *method* is a name and an :class:`~megatron_apb.config.APBConfig`: ``exact``, 
 ``apb-<compressor>`` (and ``ulysses``) across the CP ranks of the run; on one process every
 mode computes full causal attention, so a one-process run is the ``full`` reference.  With
 ``--sparse minference`` every method's local attention is sparse and its name says so
-(``minference`` on one process, ``star+minference``, ``apb-<compressor>+minference``).  Every
+(``minference`` on one process, ``star+minference``, ``apb-<compressor>+minference``), and
+with ``--partition balanced`` the methods that use it end in ``+balanced``.  Every
 method runs on the same model, weights and prompts; each record holds the prediction, its
 RULER score and timings.
 """
@@ -52,6 +53,9 @@ def eval_methods(base: APBConfig, modes: Sequence[str], compressors: Sequence[st
             methods.append(EvalMethod(mode, base.replace(mode=mode, anchor_len=None, passing_len=None)))
     if base.sparse_method != "none":  # every rank's local attention is sparse: say so in the names
         methods = [EvalMethod(f"{m.name}+{base.sparse_method}", m.config) for m in methods]
+    if base.partition != "equal":  # blocks other than the reference's equal ones: say so too
+        methods = [m if ALGORITHMS.get(m.config.mode).equal_blocks else EvalMethod(f"{m.name}+{base.partition}", m.config)
+                   for m in methods]
     return methods
 
 
