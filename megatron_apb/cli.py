@@ -17,7 +17,6 @@ import sys
 import time
 
 import torch
-import torch.distributed as dist
 
 from . import __version__
 from .config import DTYPES, parse_dtype
@@ -34,6 +33,7 @@ from .inference.launch import (
     check_model_path,
     check_output_path,
     context_parallel_size,
+    finish_runtime,
     load_tokenizer,
     quiet_warnings,
     read_text_file,
@@ -190,7 +190,7 @@ def _cmd_generate(args) -> int:
             say(f"[{run['mode']}] pass key {expected!r} {'found' if expected in run['text'] else 'NOT found'}")
     if writer:
         say(f"wrote {args.output_json}")
-    dist.destroy_process_group()
+    finish_runtime()
     return 0
 
 

@@ -57,7 +57,7 @@ class FakeEngine:
         return SimpleNamespace(
             document_ids=list(document_ids), query_ids=list(query_ids), output_ids=["42"],
             prefill_s=0.1, time_to_first_token_s=0.2, decode_tokens_per_s=10.0,
-            layout=dict(anchor_len=3, passing_len=1),
+            layout=dict(anchor_len=3, passing_len=1), attention={},
         )
 
 

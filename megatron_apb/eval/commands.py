@@ -19,6 +19,7 @@ from ..inference.launch import (
     check_model_path,
     check_output_path,
     context_parallel_size,
+    finish_runtime,
     init_runtime,
     load_model,
     load_tokenizer,
@@ -185,7 +186,7 @@ def _cmd_eval(args) -> int:
         if kept:
             log(markdown_report(kept))
         log(f"wrote {len(records)} records to {args.output} ({len(kept)} there in all)")
-    dist.destroy_process_group()
+    finish_runtime()
     return 0
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .. import megatron as megatron_glue  # lazy package: Megatron-Core loads on first use
-from ..comm import DEFAULT_TIMEOUT_S, grace_s, name_group, set_collective_timeout, start_watchdog
+from ..comm import DEFAULT_TIMEOUT_S, barrier, grace_s, name_group, set_collective_timeout, start_watchdog, stop_watchdog
 from ..config import DTYPES, APBConfig, parse_dtype
 from ..configargs import add_config_arguments, config_from_namespace
 from ..errors import APBConfigError, CheckpointError
@@ -220,6 +220,19 @@ def quiet_warnings():
     """Megatron warns at import about optional fused kernels it falls back from."""
     for pattern in ("Transformer Engine", "Apex", "flex_attention called without"):
         warnings.filterwarnings("ignore", message=f".*{pattern}.*")
+
+
+def finish_runtime() -> None:
+    """End a command's distributed run: every rank meets at a barrier, then leaves the process
+    group.  Without the barrier a rank that finishes first (the others still writing results)
+    closes its gloo connections under ranks that still hold them, which can abort them
+    (SIGABRT from gloo's I/O thread).  Stops the watchdog first (nothing is stalled now)."""
+    if dist.is_initialized():
+        barrier(None)
+        stop_watchdog()
+        dist.destroy_process_group()
+    else:
+        stop_watchdog()
 
 
 def init_runtime(

@@ -22,7 +22,6 @@ import os
 import time
 
 import torch
-import torch.distributed as dist
 
 from ..config import APBConfig
 from ..data import passkey_prompt, tokenize_prompt
@@ -33,7 +32,7 @@ from ..ops.sparse.patterns import SparsePlan, budget_pattern
 from ..ops.sparse.kernel import HAVE_TRITON
 from ..ops.sparse.search import choose_patterns, default_candidates, score_patterns, time_patterns
 from ..registry import SPARSE_METHODS
-from .launch import add_runtime_args, check_model_path, check_output_path, init_runtime, load_model, load_tokenizer
+from .launch import add_runtime_args, check_model_path, check_output_path, finish_runtime, init_runtime, load_model, load_tokenizer
 
 _METHOD = "sparse-search-recorder"
 
@@ -100,7 +99,7 @@ def run_search(args) -> int:
         with open(args.report, "w") as f:
             json.dump(dict(summary=summary, heads=rows), f, indent=1)
     print(f"wrote {args.output}", flush=True)
-    dist.destroy_process_group()
+    finish_runtime()
     return 0
 
 

@@ -12,11 +12,10 @@ import os
 import sys
 import time
 
-import torch.distributed as dist
 
 from ..errors import APBConfigError, CheckpointError
 from ..heads import convert_retaining_heads
-from ..inference.launch import add_apb_args, add_runtime_args, apb_config_from_args, init_runtime, load_model
+from ..inference.launch import add_apb_args, add_runtime_args, apb_config_from_args, finish_runtime, init_runtime, load_model
 from .config import TrainConfig
 from .data import builtin_records, read_jsonl, tokenize_records
 
@@ -120,7 +119,7 @@ def cmd_train_heads(args) -> int:
             json.dump(summary, f, indent=1)
         log(f"wrote {os.path.join(args.output, 'heads.safetensors')} and {LOG_FILE} "
             f"({summary['time_s']:.0f} s)")
-    dist.destroy_process_group()
+    finish_runtime()
     return 0
 
 
