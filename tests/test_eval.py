@@ -159,6 +159,11 @@ def test_methods_per_rank_count():
     assert [m.name for m in eval_methods(balanced, ["exact", "ulysses", "apb"], ["random"], 2)] == [
         "exact+balanced", "ulysses", "apb-random+balanced"]
     assert [m.name for m in eval_methods(balanced, ["exact"], [], 1)] == ["full"]
+    snap = base.replace(kv_budget=64)  # SnapKV: named too, after the sparse method
+    assert [m.name for m in eval_methods(snap, ["exact"], [], 1)] == ["snapkv"]
+    assert [m.name for m in eval_methods(snap.replace(sparse="minference"), ["exact"], [], 1)] == ["minference+snapkv"]
+    assert [m.name for m in eval_methods(snap.replace(partition="balanced"), ["apb"], ["random"], 2)] == [
+        "apb-random+snapkv+balanced"]
     assert [m.name for m in eval_methods(sparse, ["star", "apb"], ["random"], 2)] == ["star+minference",
                                                                                     "apb-random+minference"]
     with pytest.raises(ValueError, match="unknown compressor"):

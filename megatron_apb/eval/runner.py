@@ -5,7 +5,8 @@ A *method* is a name and an :class:`~megatron_apb.config.APBConfig`: ``exact``, 
 mode computes full causal attention, so a one-process run is the ``full`` reference.  With
 ``--sparse minference`` every method's local attention is sparse and its name says so
 (``minference`` on one process, ``star+minference``, ``apb-<compressor>+minference``), and
-with ``--partition balanced`` the methods that use it end in ``+balanced``.  Every
+with SnapKV (``--kv-compress snapkv``) in ``+snapkv``, with ``--partition balanced`` the methods
+that use it in ``+balanced``.  Every
 method runs on the same model, weights and prompts; each record holds the prediction, its
 RULER score and timings.
 """
@@ -35,8 +36,10 @@ class EvalMethod:
 def eval_methods(base: APBConfig, modes: Sequence[str], compressors: Sequence[str], cp_size: int) -> List[EvalMethod]:
     """The methods to run: ``full`` alone on one rank, otherwise each mode (``apb`` once per
     compressor).  ``base`` carries the lengths, backend and seed shared by all of them."""
-    if cp_size == 1:  # with --sparse the one-process reference becomes the sparse prefill
-        name = "full" if base.sparse_method == "none" else base.sparse_method
+    if cp_size == 1:  # with --sparse (or SnapKV) the one-process reference becomes that method
+        parts = [base.sparse_method] if base.sparse_method != "none" else []
+        parts += ["snapkv"] if base.compresses_kv else []
+        name = "+".join(parts) or "full"
         return [EvalMethod(name, base.replace(mode="exact", anchor_len=None, passing_len=None))]
     methods = []
     for mode in modes:
@@ -53,6 +56,8 @@ def eval_methods(base: APBConfig, modes: Sequence[str], compressors: Sequence[st
             methods.append(EvalMethod(mode, base.replace(mode=mode, anchor_len=None, passing_len=None)))
     if base.sparse_method != "none":  # every rank's local attention is sparse: say so in the names
         methods = [EvalMethod(f"{m.name}+{base.sparse_method}", m.config) for m in methods]
+    if base.compresses_kv:  # a compressed cache for decoding: say so
+        methods = [EvalMethod(f"{m.name}+snapkv", m.config) for m in methods]
     if base.partition != "equal":  # blocks other than the reference's equal ones: say so too
         methods = [m if ALGORITHMS.get(m.config.mode).equal_blocks else EvalMethod(f"{m.name}+{base.partition}", m.config)
                    for m in methods]
