@@ -4,7 +4,12 @@
 # Stages: tests attention cp long single peer tp2cp2 fused grid (default: the first five);
 #   together   the multi-GPU run of balanced APB, sparse local attention and distributed
 #              decoding side by side (3 timed runs each), with the one-GPU emulator's
-#              predictions of the same cases for the predicted-vs-measured table.  Each stage has a time limit so one
+#              predictions of the same cases for the predicted-vs-measured table.
+#   onegpu1    one GPU (H200 for the targets): the decode and sparse kernels' GPU tests, decoding
+#              (ours, HF sdpa, the bound) at 8K-512K with batch 1/8 at 32K, the sparse kernels vs
+#              dense at 128K-512K.  onegpu2: sparse prefill vs dense at 128K-512K (8B shape), 1M
+#              tokens with SnapKV, the emulator at 512K against the committed 4xH200 figures.
+#              Each fits one 10-minute call.  Each stage has a time limit so one
 # failure cannot eat the machine's time.  NVLink multicast stays off (shared hosts).
 set -u
 OUT=${OUT:-results/gpu}
@@ -82,6 +87,29 @@ for stage in $stages; do
         --layers-at 32768=8 131072=8 524288=2 --modes exact ulysses star apb --partition equal balanced \
         --validate "$OUT/prefill_cp${NG}_equal.json" "$OUT/prefill_cp${NG}_balanced.json" \
         --out "$OUT/emulator_cp${NG}.json" 2>&1 | grep -v -i warn | tail -30 | tee -a "$OUT/log.txt" ;;
+    onegpu1)
+      log "GPU tests of the decode and sparse kernels (bf16)"
+      timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "sparse or decode or split_kv" 2>&1 \
+        | tail -12 | tee "$OUT/gpu_tests_kernels.txt" | tee -a "$OUT/log.txt"
+      log "decoding after 8K-512K: ours, HF sdpa, the bound; batch 1 and 8 at 32K"
+      timeout 270 python3 tools/bench_decode_model.py --lengths 8192 32768 131072 524288 --steps 32 --batch-sizes 1 8 \
+        --batch-length 32768 --modes ours hf --out "$OUT/decode_1gpu.json" 2>&1 | grep -v -i warn | cut -c1-300 | tee -a "$OUT/log.txt"
+      log "sparse kernels vs dense attention, one layer, 128K-512K"
+      timeout 150 python3 tools/bench_sparse.py --lengths 131072 262144 524288 --block-topk 64 256 \
+        --vertical-slash 1024:3072 --a-shape 128:4096 --out "$OUT/sparse_kernels.json" 2>&1 | grep -v -i warn | tail -12 | tee -a "$OUT/log.txt" ;;
+    onegpu2)
+      log "sparse prefill (minference) vs dense (exact), one GPU, 8B shape, 128K-512K"
+      timeout 300 python3 tools/bench_prefill.py --lengths 131072 262144 524288 --modes exact minference --iters 1 --warmup 1 \
+        --out "$OUT/prefill_1gpu_sparse.json" 2>&1 | grep -E "^\{|rror" | cut -c1-300 | tee -a "$OUT/log.txt"
+      log "1M tokens on one GPU: sparse prefill, SnapKV cache, 16 decoded tokens (4 of 32 layers, scaled)"
+      timeout 180 python3 tools/bench_long_prefill.py --length 1048576 --layers 4 --sparse minference --kv-budget 4096 \
+        --kv-window 64 --decode 16 --out "$OUT/long_prefill_1m.json" 2>&1 | grep -v -i warn | tail -12 | tee -a "$OUT/log.txt"
+      log "the emulator at 256K and 512K against the committed 4xH200 figures (unfused, as they ran)"
+      timeout 110 python3 tools/emulate_prefill.py --world 4 --lengths 262144 524288 --layers 2 --modes ulysses star apb \
+        --partition equal --no-fused --validate results/h200x4/prefill_cp4_long.json results/h200x4/prefill_cp4_long_star.json \
+        --out "$OUT/emulator_cp4_long_validation.json" 2>&1 | grep -v -i warn | tail -20 | tee -a "$OUT/log.txt" ;;
+    *)
+      echo "unknown stage $stage (see the top of this script)" >&2; exit 2 ;;
   esac
 done
 log done
