@@ -8,7 +8,8 @@
 #   onegpu1    one GPU (H200 for the targets): the decode and sparse kernels' GPU tests, decoding
 #              (ours, HF sdpa, the bound) at 8K-512K with batch 1/8 at 32K, the sparse kernels vs
 #              dense at 128K-512K.  onegpu2: sparse prefill vs dense at 128K-512K (8B shape), 1M
-#              tokens with SnapKV, the emulator at 512K against the committed 4xH200 figures.
+#              tokens with SnapKV, the emulator's balanced blocks refined from measured rank times
+#              (128K), and at 256K/512K against the committed 4xH200 figures.
 #              Each fits one 10-minute call.  Each stage has a time limit so one
 # failure cannot eat the machine's time.  NVLink multicast stays off (shared hosts).
 set -u
@@ -104,6 +105,10 @@ for stage in $stages; do
       log "1M tokens on one GPU: sparse prefill, SnapKV cache, 16 decoded tokens (4 of 32 layers, scaled)"
       timeout 180 python3 tools/bench_long_prefill.py --length 1048576 --layers 4 --sparse minference --kv-budget 4096 \
         --kv-window 64 --decode 16 --out "$OUT/long_prefill_1m.json" 2>&1 | grep -v -i warn | tail -12 | tee -a "$OUT/log.txt"
+      log "the emulator, CP4 at 128K: equal vs balanced blocks, then rebalanced from the measured rank times"
+      timeout 150 python3 tools/emulate_prefill.py --world 4 --lengths 131072 --layers 4 --modes apb \
+        --partition equal balanced --refine 2 --refine-below 1.03 --out "$OUT/emulator_cp4_128k_refined.json" 2>&1 \
+        | grep -v -i warn | tail -12 | tee -a "$OUT/log.txt"
       log "the emulator at 256K and 512K against the committed 4xH200 figures (unfused, as they ran)"
       timeout 110 python3 tools/emulate_prefill.py --world 4 --lengths 262144 524288 --layers 2 --modes ulysses star apb \
         --partition equal --no-fused --validate results/h200x4/prefill_cp4_long.json results/h200x4/prefill_cp4_long_star.json \
