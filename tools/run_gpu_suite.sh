@@ -99,18 +99,18 @@ for stage in $stages; do
       timeout 150 python3 tools/bench_sparse.py --lengths 131072 262144 524288 --block-topk 64 256 \
         --vertical-slash 1024:3072 --a-shape 128:4096 --out "$OUT/sparse_kernels.json" 2>&1 | grep -v -i warn | tail -12 | tee -a "$OUT/log.txt" ;;
     onegpu2)
-      log "sparse prefill (minference) vs dense (exact), one GPU, 8B shape, 128K-512K"
-      timeout 300 python3 tools/bench_prefill.py --lengths 131072 262144 524288 --modes exact minference --iters 1 --warmup 1 \
+      log "sparse prefill (minference) vs dense (exact), one GPU, 8B shape (4 of its layers), 128K-512K"
+      timeout 200 python3 tools/bench_prefill.py --layers 4 --lengths 131072 262144 524288 --modes exact minference --iters 1 --warmup 1 \
         --out "$OUT/prefill_1gpu_sparse.json" 2>&1 | grep -E "^\{|rror" | cut -c1-300 | tee -a "$OUT/log.txt"
       log "1M tokens on one GPU: sparse prefill, SnapKV cache, 16 decoded tokens (4 of 32 layers, scaled)"
-      timeout 180 python3 tools/bench_long_prefill.py --length 1048576 --layers 4 --sparse minference --kv-budget 4096 \
+      timeout 150 python3 tools/bench_long_prefill.py --length 1048576 --layers 4 --sparse minference --kv-budget 4096 \
         --kv-window 64 --decode 16 --out "$OUT/long_prefill_1m.json" 2>&1 | grep -v -i warn | tail -12 | tee -a "$OUT/log.txt"
       log "the emulator, CP4 at 128K: equal vs balanced blocks, then rebalanced from the measured rank times"
-      timeout 150 python3 tools/emulate_prefill.py --world 4 --lengths 131072 --layers 4 --modes apb \
+      timeout 120 python3 tools/emulate_prefill.py --world 4 --lengths 131072 --layers 4 --modes apb \
         --partition equal balanced --refine 2 --refine-below 1.03 --out "$OUT/emulator_cp4_128k_refined.json" 2>&1 \
         | grep -v -i warn | tail -12 | tee -a "$OUT/log.txt"
       log "the emulator at 256K and 512K against the committed 4xH200 figures (unfused, as they ran)"
-      timeout 110 python3 tools/emulate_prefill.py --world 4 --lengths 262144 524288 --layers 2 --modes ulysses star apb \
+      timeout 100 python3 tools/emulate_prefill.py --world 4 --lengths 262144 524288 --layers 2 --modes ulysses star apb \
         --partition equal --no-fused --validate results/h200x4/prefill_cp4_long.json results/h200x4/prefill_cp4_long_star.json \
         --out "$OUT/emulator_cp4_long_validation.json" 2>&1 | grep -v -i warn | tail -20 | tee -a "$OUT/log.txt" ;;
     *)
