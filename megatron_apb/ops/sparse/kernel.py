@@ -12,7 +12,8 @@ last partial block and any query offset are exact.  K and V are read at KV head
 products, fp16/bf16 inputs tensor-core dots with fp32 accumulation.
 
 :func:`~megatron_apb.ops.sparse.reference.sparse_reference_attention` is the reference it is
-pinned to, and what :func:`sparse_attention` runs where the kernel is not available.
+pinned to; where the kernel is not available :func:`sparse_attention` runs the PyTorch
+:func:`~megatron_apb.ops.sparse.gathered.gathered_sparse_attention` (also pinned to it).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 
 from ..triton_kernels import HAVE_TRITON, tl, triton  # the optional Triton
 from .index import SparseIndex
-from .reference import sparse_reference_attention
+from .gathered import gathered_sparse_attention
 
 Tensor = torch.Tensor
 _HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -47,7 +48,8 @@ def sparse_attention(
     *, num_warps: int = 4, num_stages: int = 2,
 ) -> Tuple[Tensor, Tensor]:
     """Attention of q [b, sq, h, d] over k, v [b, sk, kv_heads, d] under ``index``; returns
-    ``(out [b, sq, h, d], lse float32 [b, h, sq])``.  Runs the reference without the kernel.
+    ``(out [b, sq, h, d], lse float32 [b, h, sq])``.  Without the kernel (CPU) it runs
+    :func:`~megatron_apb.ops.sparse.gathered.gathered_sparse_attention`.
     ``num_warps``/``num_stages``: the launch settings (benchmarks sweep them)."""
     b, sq, h, d = q.shape
     sk = k.shape[1]
@@ -56,8 +58,8 @@ def sparse_attention(
             f"sparse_attention: the index was built for q_len={index.q_len}, k_len={index.k_len}, "
             f"{tuple(index.block_cnt.shape[:2])} (batch, heads); got {sq}, {sk}, ({b}, {h})")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
-    if not kernel_available(q):
-        return sparse_reference_attention(q, k, v, index, scale)
+    if not kernel_available(q):  # PyTorch, reading only the keys the index names
+        return gathered_sparse_attention(q, k, v, index, scale)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty((b, sq, h, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
