@@ -189,6 +189,9 @@ def test_trainer_state_killed_inside_a_save_loads_one_whole_step(tmp_path, where
     from megatron_apb.training.checkpoint import save_training_state
 
     heads, params, optimizer = _tiny_heads()
+    with torch.no_grad():  # RetainingHead skips init (its weights come from a file): give them values
+        for p in params:
+            p.fill_(7.0)
     save_training_state(str(out), heads, optimizer, step=7, config={}, history={"train": [], "eval": []}, write=True)
     assert _load_trainer(out)[0]["step"] == 7 and _leftovers(tmp_path, "run") == []
 
