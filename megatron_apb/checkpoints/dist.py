@@ -47,7 +47,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factor
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
-from ..atomic import Report, atomic_directory
+from ..atomic import Report, atomic_directory, atomic_file
 from ..config import APBConfig
 from ..errors import CheckpointError
 from ..megatron import init_cpu_megatron, rank_grid_groups
@@ -149,10 +149,8 @@ def _filled(scratch: str, key: str) -> set:
 
 
 def _record_fill(scratch: str, key: str, filled: set) -> None:
-    path = os.path.join(scratch, FILL_RECORD)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
+    with atomic_file(os.path.join(scratch, FILL_RECORD)) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump({"key": key, "filled": sorted(filled)}, f)
-    os.replace(path + ".tmp", path)
 
 
 def _dp_cp_group(pg):

@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Optional, Tuple
 
 import torch
 
-from ..atomic import Report, atomic_directory
+from ..atomic import Report, atomic_directory, atomic_file
 from .io import FORMAT_NAME, FORMAT_VERSION, MARKER_FILE, WEIGHTS_FILE, check_output_directory, open_checkpoint
 from .stream import Progress, check_sources, shard_recipes, source_names
 
@@ -95,12 +95,8 @@ def _resume_point(partial: str, record: str, header: bytes) -> int:
 
 
 def _record_progress(record: str, header: bytes, done: int) -> None:
-    tmp = record + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(record) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump({"header_sha256": hashlib.sha256(header).hexdigest(), "done": done}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, record)
 
 
 def convert_checkpoint(source, out_dir, *, dtype: Optional[torch.dtype] = None, report: Report = None,

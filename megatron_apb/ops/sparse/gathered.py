@@ -16,6 +16,7 @@ from typing import Optional, Tuple
 import torch
 
 from .index import SparseIndex
+from .reference import masked_softmax
 
 Tensor = torch.Tensor
 _CHUNK_ELEMS = 1 << 24  # gathered score elements per chunk of query blocks (64 MiB in float32)
@@ -68,10 +69,7 @@ def gathered_sparse_attention(
             vs = vh.gather(1, flat).view(*p.shape, d)
             s = torch.einsum("bmqd,bmld->bmql", qp[:, m0 : m0 + step, :, i], ks) * scale
             visible = o[:, :, None, :] & (p[:, :, None, :] <= rows[m0 : m0 + step, :, None])
-            s = s.masked_fill(~visible, float("-inf"))
-            row = torch.logsumexp(s, dim=-1)  # [b, m, B]
-            empty = torch.isneginf(row)
-            w = torch.exp(s - row.masked_fill(empty, 0.0)[..., None]).masked_fill(empty[..., None], 0.0)
+            w, row = masked_softmax(s.masked_fill(~visible, float("-inf")))  # row: [b, m, B]
             out[:, m0 : m0 + step, :, i] = torch.einsum("bmql,bmld->bmqd", w, vs)
             lse[:, i, m0 : m0 + step] = row
     return out.view(b, nqb * B, h, d)[:, :sq].to(q.dtype), lse.view(b, h, nqb * B)[..., :sq].contiguous()

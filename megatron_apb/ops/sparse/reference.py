@@ -18,6 +18,15 @@ from .index import SparseIndex, index_mask
 Tensor = torch.Tensor
 
 
+def masked_softmax(s: Tensor) -> Tuple[Tensor, Tensor]:
+    """Softmax over the last dimension of scores ``s`` whose masked keys are ``-inf``, and its
+    log-sum-exp: ``(weights, lse)``; a row with no key gets zero weights and ``-inf``."""
+    row = torch.logsumexp(s, dim=-1)
+    empty = torch.isneginf(row)
+    weights = torch.exp(s - row.masked_fill(empty, 0.0)[..., None]).masked_fill(empty[..., None], 0.0)
+    return weights, row
+
+
 def sparse_reference_attention(
     q: Tensor, k: Tensor, v: Tensor, index: SparseIndex, softmax_scale: Optional[float] = None,
 ) -> Tuple[Tensor, Tensor]:
@@ -34,10 +43,7 @@ def sparse_reference_attention(
     lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device)
     for i in range(h):
         s = torch.einsum("bqd,bkd->bqk", q[:, :, i].float(), k[:, :, i // group].float()) * scale
-        s = s.masked_fill(~mask[:, i], float("-inf"))
-        row = torch.logsumexp(s, dim=-1)
-        empty = torch.isneginf(row)
-        p = torch.exp(s - row.masked_fill(empty, 0.0)[..., None]).masked_fill(empty[..., None], 0.0)
+        p, row = masked_softmax(s.masked_fill(~mask[:, i], float("-inf")))
         out[:, :, i] = torch.einsum("bqk,bkd->bqd", p, v[:, :, i // group].float())
         lse[:, i] = row
     return out.to(q.dtype), lse
