@@ -50,7 +50,7 @@ class FakeEngine:
         self.config = config
         self.cp_size = int(os.environ.get("WORLD_SIZE", "1"))
 
-    def generate(self, document_ids, query_ids, sampling, local_decode=False):
+    def generate(self, document_ids, query_ids, sampling, local_decode=False, attention_stats=False):
         FakeEngine.calls.append(self.config.mode)
         if len(FakeEngine.calls) == FakeEngine.fail_on:
             raise RuntimeError("the machine went away")

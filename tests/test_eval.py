@@ -311,7 +311,7 @@ class _FakeEngine:
     def __init__(self, answers, wrong):
         self.answers, self.wrong, self.config, self.calls = answers, wrong, None, []
 
-    def generate(self, document_ids, query_ids, sampling, local_decode=False):
+    def generate(self, document_ids, query_ids, sampling, local_decode=False, attention_stats=False):
         from megatron_apb.inference import GenerationResult
 
         self.calls.append(self.config.mode)

@@ -7,17 +7,20 @@ import math
 from collections import defaultdict
 from typing import Dict, Iterable, List, Sequence, Tuple
 
+from ..config import PARTITIONS
 from ..data import TASKS
 from ..errors import APBConfigError
 from .records import EVAL_FIELDS, read_records
 
 #: methods that compute full attention (every other one approximates it: star, apb-*, sparse ones)
 EXACT_METHODS = ("full", "exact", "ulysses")
+
+
 def is_exact(method: str) -> bool:
     """Whether a method's name says it computes full attention: one of :data:`EXACT_METHODS`,
     with any partition suffix (``exact+balanced``) but no sparse one (``exact+minference``)."""
     base, *suffixes = method.split("+")
-    return base in EXACT_METHODS and all(s in ("equal", "balanced") for s in suffixes)
+    return base in EXACT_METHODS and all(s in PARTITIONS for s in suffixes)
 
 
 _METHOD_ORDER = ("full", "exact", "ulysses", "star", "apb-retaining_head", "apb-query_attention", "apb-random")

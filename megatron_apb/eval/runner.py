@@ -129,9 +129,8 @@ def evaluate(
         for method in todo:
             config = _method_config(method, prompt, header_len_as_prefix)
             engine.config = config
-            stats = dict(attention_stats=True) if config.sparse_method != "none" else {}  # density of sparse runs
             result = engine.generate(prompt.document_ids, prompt.query_ids, sampling, local_decode=local_decode,
-                                     **stats)
+                                     attention_stats=True)  # the density of sparse runs (others: none)
             prediction = tokenizer.decode(result.output_ids, skip_special_tokens=True).strip()
             records.append(dict(
                 task=sample.task, length=sample.length, index=sample.index, method=method.name,

@@ -47,12 +47,11 @@ class _Recorder:
         if causal and q.shape[1] == k.shape[1] and q.shape[1] > 0:
             cands = default_candidates(self.args.budgets, block=self.args.block)
             recall, density = score_patterns(q[:1], k[:1], cands, softmax_scale)
+            budget = {}  # --cost density: density within --max-density
             if self.args.cost == "time":
                 cost, _ = time_patterns(q[:1], k[:1], v[:1], cands, softmax_scale, dense_backend=self.dense_backend)
-                self.results[self.layer] = choose_patterns(cands, recall, density, self.args.max_density,
-                                                           cost=cost, max_cost=self.args.max_time)
-            else:
-                self.results[self.layer] = choose_patterns(cands, recall, density, self.args.max_density)
+                budget = dict(cost=cost, max_cost=self.args.max_time)
+            self.results[self.layer] = choose_patterns(cands, recall, density, self.args.max_density, **budget)
             kinds = [p.kind for p in self.results[self.layer][0]]
             print(f"layer {self.layer}: " + ", ".join(f"{kinds.count(k)} {k}" for k in sorted(set(kinds))),
                   flush=True)
