@@ -311,4 +311,12 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # a rank of a torchrun job, its work done and its process group left: exit without the
+        # C++ static teardown, where a joinable library thread has aborted finished ranks on a
+        # loaded host ("terminate called without an active exception", SIGABRT)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
